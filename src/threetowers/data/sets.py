@@ -1,0 +1,36 @@
+"""Plain containers for evaluation and labelled sets, shared by the world, folders and the eval suite.
+
+Images are uint8 arrays `[N, H, W, 3]` (RGB); `as_float` turns a slice into the model's input
+convention: float tensors `[B, 3, H, W]` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def as_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@dataclass
+class LabelledSet:
+    """Images with one class label each (pretraining, zero-shot, few-shot)."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # zero-shot prompts, "{}" = name
+
+
+@dataclass
+class CaptionedSet:
+    """Images with several captions each (retrieval). Caption j belongs to image image_of_text[j]."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    captions: list[str]
+    image_of_text: np.ndarray  # int64 [M]
