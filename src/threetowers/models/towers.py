@@ -1,0 +1,70 @@
+"""Tower construction: the built-in ViT / text transformer, or any timm image model by name.
+
+Every tower is an `nn.Module` taking its raw input (images in [0, 1], or token ids) and returning
+pooled features `[B, tower.dim]`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from .text import TextTransformer
+from .vit import VisionTransformer
+from .weights import load_weights
+
+
+class TimmTower(nn.Module):
+    """A timm model created with num_classes=0 (pooled pre-logits), normalising its own input."""
+
+    def __init__(self, name: str, weights: str = "", pretrained_hub: bool = False):
+        super().__init__()
+        self.model = create_timm(name, pretrained_hub=pretrained_hub)
+        if weights:
+            # Classifier weights fit too: the classifier head is dropped (num_classes=0).
+            load_weights(self.model, weights, what=f"timm model {name}", ignore_prefixes=_timm_head_prefixes(self.model))
+        cfg = self.model.pretrained_cfg
+        self.dim = self.model.num_features
+        self.input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def _timm_head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    name = model.pretrained_cfg.get("classifier", "head")
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return tuple(n + "." for n in names)
+
+
+def create_timm(name: str, pretrained_hub: bool = False, **kwargs) -> nn.Module:
+    """timm.create_model with num_classes=0; an unknown name lists the closest known names."""
+    import timm
+
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"timm has no model named {name!r}" + (f"; closest: {', '.join(close)}" if close else ""))
+    return timm.create_model(name, pretrained=pretrained_hub, num_classes=0, **kwargs)
+
+
+def build_image_tower(cfg) -> nn.Module:
+    """`ImageTowerConfig` -> image tower with `.dim`."""
+    if cfg.kind == "vit":
+        return VisionTransformer(
+            cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.pool,
+            tuple(cfg.mean), tuple(cfg.std),
+        )
+    if cfg.kind == "timm":
+        return TimmTower(cfg.timm_name, cfg.weights)
+    raise ValueError(f"model.image.kind={cfg.kind!r}; expected vit or timm")
+
+
+def build_text_tower(cfg, pad_id: int = 0) -> TextTransformer:
+    """`TextTowerConfig` -> text tower with `.dim`."""
+    return TextTransformer(
+        cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id
+    )

@@ -1,0 +1,50 @@
+"""A plain Vision Transformer image tower: images in [0, 1] -> pooled features [B, width]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import Block
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        width: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        pool: str = "gap",
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    ):
+        super().__init__()
+        if pool not in ("cls", "gap"):
+            raise ValueError(f"pool={pool!r}; expected cls or gap")
+        self.image_size, self.patch_size, self.pool = image_size, patch_size, pool
+        self.dim = width
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        num_tokens = (image_size // patch_size) ** 2 + (pool == "cls")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.image_size:
+            raise ValueError(
+                f"image tower expects images [B, 3, {self.image_size}, {self.image_size}], got {tuple(images.shape)}"
+            )
+        x = self.patch_embed((images - self.mean) / self.std).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0] if self.pool == "cls" else x.mean(dim=1)
