@@ -1,0 +1,157 @@
+"""A cache of the frozen tower's embeddings, keyed by sample key: h runs once per dataset.
+
+Layout of a cache directory:
+    manifest.json      h's identity (name, weights fingerprint, preprocessing, dim, dtype),
+                       the dataset's identity, the shard list; written last, atomically
+    shard_00000.npy    float16 [rows, dim] embeddings, in key order
+    keys.json          the sample keys, in row order
+
+Building is resumable: shards are written one at a time (temp file + rename) and a rebuild skips
+the shards that exist and match. A cache whose manifest does not match the requested h or dataset
+is refused with an error naming the mismatch; there is never a silent fallback to stale features.
+
+Caching is exact only when h sees un-augmented images; with `data.augment=true` and
+`data.third_embeddings=cache`, h sees the plain (center-cropped) image while f sees the augmented
+one. Choose `data.third_embeddings=online` to run h on the augmented batch instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..models.model import write_json_atomic
+
+CACHE_FORMAT = "threetowers-feature-cache"
+
+
+class CacheMismatch(ValueError):
+    """The cache on disk was made by another h, preprocessing or dataset."""
+
+
+def cache_identity(third_info: dict, dataset_id: str, num_rows: int) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "version": 1,
+        "third": {k: third_info[k] for k in ("name", "fingerprint", "preprocessing", "dim")},
+        "dataset": dataset_id,
+        "rows": num_rows,
+        "dtype": "float16",
+    }
+
+
+def _check(manifest: dict, expected: dict, directory: Path) -> None:
+    for field in ("format", "dataset", "rows", "dtype"):
+        if manifest.get(field) != expected[field]:
+            raise CacheMismatch(
+                f"embedding cache {directory} was built for {field}={manifest.get(field)!r}, "
+                f"but this run needs {expected[field]!r}; delete it or choose another data.cache_dir"
+            )
+    for field in ("name", "fingerprint", "preprocessing", "dim"):
+        have, want = manifest["third"].get(field), expected["third"][field]
+        if have != want:
+            raise CacheMismatch(
+                f"embedding cache {directory} was built with third tower {field}={have!r}, but this run's h has "
+                f"{want!r}; delete it or choose another data.cache_dir"
+            )
+
+
+def cache_dir_for(root: str | Path, third_info: dict, dataset_id: str) -> Path:
+    """One sub-directory per (h, dataset), so several third towers share a cache root."""
+    tag = f"{third_info['name']}-{third_info['fingerprint'][:10]}-{third_info['preprocessing']['input_size']}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    return Path(root) / safe / dataset_id
+
+
+def build_feature_cache(
+    directory: str | Path,
+    third: Callable[[torch.Tensor], torch.Tensor],
+    third_info: dict,
+    dataset_id: str,
+    keys: list[str],
+    images: Callable[[int, int], torch.Tensor],
+    batch_size: int = 256,
+    shard_rows: int = 4096,
+    progress: bool = True,
+) -> "FeatureCache":
+    """Run h over all rows and store its embeddings; resumes a build that was interrupted.
+
+    `images(start, stop)` returns rows [start, stop) as float [B, 3, H, W] in [0, 1].
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    expected = cache_identity(third_info, dataset_id, len(keys))
+    manifest_path = directory / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        _check(manifest, expected, directory)
+        if manifest.get("complete"):
+            return FeatureCache(directory, expected)
+    # The partial manifest records identity first, so a resumed build cannot mix two h's.
+    write_json_atomic(manifest_path, {**expected, "complete": False})
+    starts = list(range(0, len(keys), shard_rows))
+    bar = tqdm(total=len(keys), desc=f"caching {third_info['name']}", unit="img", disable=not progress, leave=False)
+    for index, start in enumerate(starts):
+        stop = min(start + shard_rows, len(keys))
+        path = directory / f"shard_{index:05d}.npy"
+        if path.exists() and _rows_of(path) == (stop - start, third_info["dim"]):
+            bar.update(stop - start)
+            continue
+        chunks = []
+        for s in range(start, stop, batch_size):
+            with torch.no_grad():
+                chunks.append(third(images(s, min(s + batch_size, stop))).float().cpu().numpy().astype(np.float16))
+            bar.update(chunks[-1].shape[0])
+        tmp = path.with_name(path.stem + ".tmp.npy")
+        np.save(tmp, np.concatenate(chunks))
+        tmp.replace(path)
+    bar.close()
+    (directory / ".keys.json.tmp").write_text(json.dumps(keys))
+    (directory / ".keys.json.tmp").replace(directory / "keys.json")
+    write_json_atomic(manifest_path, {**expected, "complete": True, "shards": len(starts)})
+    return FeatureCache(directory, expected)
+
+
+def _rows_of(path: Path) -> tuple[int, ...] | None:
+    try:
+        return np.load(path, mmap_mode="r").shape
+    except (ValueError, OSError):
+        return None  # truncated shard from a killed build: rebuild it
+
+
+class FeatureCache:
+    """Read side: embeddings by row or by key, checked against the expected identity."""
+
+    def __init__(self, directory: str | Path, expected: dict | None = None):
+        self.directory = Path(directory)
+        manifest_path = self.directory / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"no embedding cache at {self.directory} (manifest.json missing); run `threetowers cache`")
+        self.manifest = json.loads(manifest_path.read_text())
+        if expected is not None:
+            _check(self.manifest, expected, self.directory)
+        if not self.manifest.get("complete"):
+            raise CacheMismatch(f"embedding cache {self.directory} is incomplete; rebuild it (the build resumes)")
+        shards = [np.load(self.directory / f"shard_{i:05d}.npy") for i in range(self.manifest["shards"])]
+        self.embeddings = np.concatenate(shards) if shards else np.zeros((0, self.manifest["third"]["dim"]), np.float16)
+        self.keys = json.loads((self.directory / "keys.json").read_text())
+        if len(self.keys) != len(self.embeddings):
+            raise CacheMismatch(f"embedding cache {self.directory}: {len(self.keys)} keys but {len(self.embeddings)} rows")
+        self._row = {k: i for i, k in enumerate(self.keys)}
+
+    def rows(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.embeddings[indices].astype(np.float32))
+
+    def by_keys(self, keys: list[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self._row]
+        if missing:
+            raise CacheMismatch(f"embedding cache {self.directory} has no entry for keys {missing[:3]}; rebuild it")
+        return self.rows(np.array([self._row[k] for k in keys]))
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,155 @@
+"""Training batches by step: config -> data + tokenizer (+ h's cached embeddings) -> batches.
+
+Every source yields, for each step, this rank's share of the global batch. For the world and for
+CSV files the batch at step s is a pure function of (seed, s, rank): a seeded permutation per
+epoch over the rows, sliced by step. Resuming at step s therefore sees exactly the batches an
+uninterrupted run would have seen, with no loader state to save. Webdataset shards stream; on
+resume their sample order is re-seeded from the step (the usual webdataset trade-off: statistically
+equivalent, not bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config
+from .features import FeatureCache, build_feature_cache, cache_dir_for, cache_identity
+from .sets import as_float
+
+
+def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.ndarray:
+    """Rows of the global batch at `step`: epoch-wise seeded permutations, read in order."""
+    positions = step * batch_size + np.arange(batch_size)
+    epochs = positions // num_rows
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
+        sel = epochs == epoch
+        out[sel] = perm[positions[sel] % num_rows]
+    return out
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class ArrayTrainData:
+    """Rows held as arrays (uint8 images, token ids or labels, optional cached h embeddings)."""
+
+    def __init__(self, images: np.ndarray, columns: dict[str, torch.Tensor], keys: list[str], cfg: Config,
+                 rank: int = 0, world_size: int = 1, image_size: int | None = None,
+                 third_cache: FeatureCache | None = None, tokenizer=None):
+        self.images, self.columns, self.keys = images, columns, keys
+        self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
+        self.rank, self.world_size = rank, world_size
+        self.image_size = image_size or images.shape[1]
+        self.third_cache = third_cache
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, step: int) -> dict:
+        per_rank = self.batch_size // self.world_size
+        idx = global_indices(self.seed, step, self.batch_size, len(self))[self.rank * per_rank:(self.rank + 1) * per_rank]
+        # Sorted reads are kinder to a memory-mapped array; the order within a batch is restored.
+        order = np.argsort(idx)
+        images = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
+        images[order] = self.images[idx[order]]
+        batch = {"image": resize_batch(as_float(images), self.image_size), "keys": [self.keys[i] for i in idx]}
+        for name, column in self.columns.items():
+            batch[name] = column[idx]
+        if self.third_cache is not None:
+            batch["third"] = self.third_cache.rows(idx)
+        return batch
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        for step in itertools.count(start_step):
+            yield self.batch(step)
+
+    def bad_samples(self) -> dict[str, int]:
+        return {}
+
+
+def dataset_id(kind: str, *parts: object) -> str:
+    return f"{kind}-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def load_or_train_tokenizer(cfg: Config, captions: list[str], output_dir: str | Path | None):
+    """The run's tokenizer: a given tokenizer.json, the one saved with this run (resume), or BPE
+    trained on the training captions (and saved with the run)."""
+    from .tokenizer import Tokenizer
+
+    context = cfg.model.text.context_length
+    if cfg.data.tokenizer:
+        return Tokenizer.from_file(cfg.data.tokenizer, context)
+    saved = Path(output_dir) / "tokenizer.json" if output_dir else None
+    if saved is not None and saved.exists():
+        return Tokenizer.from_file(saved, context)
+    tokenizer = Tokenizer.train(captions, cfg.model.text.vocab_size, context)
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(saved)
+    return tokenizer
+
+
+def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Callable[[int, int], torch.Tensor],
+                    progress: bool = True) -> FeatureCache | None:
+    """h's embeddings over the training rows, built once (resumably) and reused across runs."""
+    if cfg.model.method == "clip" or cfg.data.third_embeddings != "cache" or third is None:
+        return None
+    root = Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "cache")
+    directory = cache_dir_for(root, third.info(), ds_id)
+    # Rank 0 builds (or resumes) the cache; the other ranks wait, then read it.
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        cache = build_feature_cache(directory, third, third.info(), ds_id, keys, images, progress=progress)
+    if distributed:
+        dist.barrier()
+        if dist.get_rank() != 0:
+            cache = FeatureCache(directory, cache_identity(third.info(), ds_id, len(keys)))
+    return cache
+
+
+def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ArrayTrainData:
+    """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, h's embeddings."""
+    source = cfg.data.source
+    if source == "world":
+        from .world import World
+
+        world = World(cfg.data.world)
+        pairs = world.pairs("train")
+        images, captions, keys = pairs.images, pairs.captions, pairs.keys
+        ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))
+    elif source == "csv":
+        from .pairs import load_csv_arrays
+
+        images, captions, keys = load_csv_arrays(cfg.data, cfg.model.image.image_size)
+        ds_id = dataset_id("csv", str(Path(cfg.data.path).resolve()), len(keys), keys[:3], keys[-3:])
+    else:
+        from .pairs import StreamTrainData
+
+        return StreamTrainData(cfg, rank, world_size, third)
+    tokenizer = load_or_train_tokenizer(cfg, captions, cfg.train.output_dir)
+    tokens = tokenizer(captions)
+    cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
+    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size,
+                          cfg.model.image.image_size, cache, tokenizer)
+
+
+def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1, image_size: int | None = None,
+                        key_prefix: str = "labelled") -> ArrayTrainData:
+    """Batches {"image", "label"} over a `LabelledSet`, for supervised pretraining of a third tower."""
+    keys = [f"{key_prefix}-{i:07d}" for i in range(len(train.labels))]
+    return ArrayTrainData(train.images, {"label": torch.as_tensor(train.labels, dtype=torch.long)}, keys, cfg,
+                          rank, world_size, image_size)

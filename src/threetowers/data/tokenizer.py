@@ -1,0 +1,148 @@
+"""Caption tokenizer: a Hugging Face `tokenizers` BPE behind the project's token convention.
+
+Convention (shared with the text tower): `LongTensor [B, context_length]`, pad id 0, every
+sequence ends with the end-of-text token; a caption too long for the context is cut and keeps
+the eot as its last token.
+
+Our own tokenizer is a byte-level BPE over NFC-normalised, lower-cased text: byte-level so that
+no caption ever maps to an unknown token, lower case because caption case carries little meaning
+and a small vocabulary goes further without it. Its special tokens are `<pad>` (id 0) and
+`<eot>` (id 1).
+
+Any other `tokenizer.json` works too (`from_file`). Its own post-processing (BOS/CLS, padding,
+truncation) is ignored; we append the eot and pad ourselves. If its id 0 is not a pad token,
+every id is shifted up by one so that 0 stays free for padding (`vocab_size` includes the shift).
+If it has no end-of-text token, `<eot>` is added to it (and saved with it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+PAD, EOT = "<pad>", "<eot>"
+# Names other tokenizers use for the same roles, recognised by `from_file`.
+PAD_NAMES = (PAD, "[PAD]", "<|pad|>", "<|padding|>")
+EOT_NAMES = (EOT, "<|endoftext|>", "</s>", "[SEP]", "<|eot_id|>")
+
+
+class Tokenizer:
+    """Texts -> `LongTensor [B, context_length]` (pad 0, eot last); counts truncations."""
+
+    def __init__(self, hf: HFTokenizer, context_length: int) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} must be >= 2 (at least one token plus the eot)")
+        hf.no_padding()
+        hf.no_truncation()
+        # A caption that literally contains "<eot>" or "<pad>" must not produce the special ids.
+        hf.encode_special_tokens = True
+        self.hf = hf
+        self.context_length = context_length
+        self.offset = 0 if hf.id_to_token(0) in PAD_NAMES else 1
+        eot = next((name for name in EOT_NAMES if hf.token_to_id(name) is not None), None)
+        if eot is None:
+            hf.add_special_tokens([EOT])
+            eot = EOT
+        self.eot_token = eot
+        self.pad_id = 0
+        self.eot_id = hf.token_to_id(eot) + self.offset
+        self.truncated = 0  # cumulative number of texts cut to fit the context
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int, context_length: int) -> Tokenizer:
+        """Byte-level BPE with `vocab_size` tokens (fewer if the corpus runs out of merges)."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + 2:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+                f"{len(alphabet) + 2} (256 bytes + <pad> + <eot>)"
+            )
+        hf = HFTokenizer(models.BPE())
+        hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase(), normalizers.Strip()])
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[PAD, EOT],  # ids 0 and 1, in this order
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+        hf.train_from_iterator(captions, trainer)
+        return cls(hf, context_length)
+
+    @classmethod
+    def from_file(cls, path: str | Path, context_length: int) -> Tokenizer:
+        """Load any Hugging Face `tokenizer.json` (see the module docstring for pad/eot handling)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {str(path)!r} does not exist (expected a Hugging Face tokenizer.json)")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception for malformed files
+            raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {err}") from err
+        return cls(hf, context_length)
+
+    def save(self, path: str | Path) -> None:
+        """Write `tokenizer.json` atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.hf.to_str(pretty=True))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ use
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the embedding table a text tower needs for these ids."""
+        return self.hf.get_vocab_size(with_added_tokens=True) + self.offset
+
+    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        room = self.context_length - 1  # the last slot is reserved for the eot
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, enc in enumerate(self.hf.encode_batch(list(texts), add_special_tokens=False)):
+            ids = enc.ids
+            if len(ids) > room:
+                ids = ids[:room]
+                self.truncated += 1
+            if self.offset:
+                ids = [i + self.offset for i in ids]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out[row, len(ids)] = self.eot_id
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """One sequence of ids -> text; stops at the first eot and ignores padding."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        kept = []
+        for i in ids:
+            if i == self.eot_id:
+                break
+            if i != self.pad_id:
+                kept.append(i - self.offset)
+        return self.hf.decode(kept, skip_special_tokens=True).strip()
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, "
+            f"eot={self.eot_token!r}, offset={self.offset})"
+        )
