@@ -90,7 +90,11 @@ def decode_rgb(
         except Exception as err:
             reason = "truncated_image" if "truncated" in str(err) else "corrupt_image"
             raise ImageError(reason, f"{type(err).__name__}: {err}") from None
-    img = to_rgb(ImageOps.exif_transpose(img))
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block does not spoil the pixels; keep them as stored
+        pass
+    img = to_rgb(img)
     short = min(img.size)
     if keep_side and short > 2 * keep_side:
         scale = keep_side / short
@@ -104,7 +108,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode == "P" and "transparency" in img.info or mode in _WITH_ALPHA:
+    if mode in _WITH_ALPHA or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -154,9 +154,7 @@ def save_model(model: ThreeTowers, directory: str | Path, extra: dict | None = N
             del state[k]
         else:
             seen[ptr] = k
-    tmp = directory / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    _fsync_replace(tmp, directory / "model.safetensors")
+    save_safetensors_atomic(state, directory / "model.safetensors")
     meta = {"format": MODEL_FORMAT, "version": 1, "config": to_dict(model.cfg), "third": model.third_info,
             "aliases": aliases, **(extra or {})}
     write_json_atomic(directory / "model.json", meta)
@@ -205,6 +203,14 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    _fsync_replace(tmp, path)
+
+
+def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write tensors (contiguous, on CPU) to a safetensors file via a temp file and os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
     _fsync_replace(tmp, path)
 
 

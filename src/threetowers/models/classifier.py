@@ -1,0 +1,123 @@
+"""A supervised image classifier: an image tower plus one linear head.
+
+`threetowers pretrain` trains it; saved with `save_classifier`, it loads back as a frozen third
+tower h (source `checkpoint`) whose embedding is the tower's pooled output, exactly what the head
+consumes (the pre-logits).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ImageTowerConfig
+from .model import MODEL_FORMAT, save_safetensors_atomic, write_json_atomic
+from .third_tower import Preprocessing
+from .towers import build_image_tower
+from .weights import load_weights
+
+CLASSIFIER_FORMAT = "threetowers-classifier"
+CLASSIFIER_VERSION = 1
+
+
+class Classifier(nn.Module):
+    """Image tower f (images in [0, 1] -> [B, dim]) followed by `nn.Linear(dim, num_classes)`."""
+
+    def __init__(self, image: ImageTowerConfig, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+        self.image_cfg = image
+        self.num_classes = num_classes
+        self.tower = build_image_tower(image)
+        self.head = nn.Linear(self.tower.dim, num_classes)
+
+    @property
+    def dim(self) -> int:
+        return self.tower.dim
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logits [B, dim]: the tower's pooled features, the head's exact input."""
+        return self.tower(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+    def forward(self, batch: dict) -> dict:
+        """batch: image [B, 3, S, S] in [0, 1], label Long [B] -> loss (fp32 cross-entropy), top-1 acc."""
+        logits = self.logits(batch["image"]).float()  # CE in fp32 even under bf16 autocast
+        labels = batch["label"]
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=-1) == labels).float().mean().detach()
+        return {"loss": loss, "acc": acc}
+
+    def preprocessing(self) -> Preprocessing:
+        """What the tower needs from a [0, 1] image: its training size and nothing else.
+
+        Our towers (ViT, TimmTower) normalise their own input, so the recorded mean/std are the
+        identity; recording the tower's own mean/std here would normalise twice."""
+        return Preprocessing(int(self.image_cfg.image_size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+
+
+def save_classifier(model: Classifier, directory: str | Path, class_names: list[str],
+                    extra: dict | None = None) -> Path:
+    """model.safetensors + model.json in `directory`, each written atomically (json last)."""
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names given for a classifier with {model.num_classes} classes")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_safetensors_atomic(state, directory / "model.safetensors")
+    meta = {
+        "format": CLASSIFIER_FORMAT,
+        "version": CLASSIFIER_VERSION,
+        "image": asdict(model.image_cfg),
+        "num_classes": model.num_classes,
+        "class_names": list(class_names),
+        "preprocessing": model.preprocessing().to_dict(),
+        **(extra or {}),
+    }
+    write_json_atomic(directory / "model.json", meta)
+    return directory
+
+
+def read_classifier_meta(directory: str | Path) -> dict:
+    """model.json of a classifier checkpoint; anything else is refused with what it is instead."""
+    directory = Path(directory)
+    if directory.is_file() and directory.name in ("model.json", "model.safetensors"):
+        directory = directory.parent
+    path = directory / "model.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a classifier checkpoint of `threetowers pretrain`: "
+                         f"{path.name} is missing")
+    meta = json.loads(path.read_text())
+    found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
+    if found != CLASSIFIER_FORMAT:
+        what = "a contrastive model (CLIP/LiT/3T)" if found == MODEL_FORMAT else f"a {found!r} file"
+        raise ValueError(f"{directory} is not a classifier: its model.json describes {what}, not "
+                         f"{CLASSIFIER_FORMAT!r} (written by `threetowers pretrain`)")
+    if meta.get("version", 0) > CLASSIFIER_VERSION:
+        raise ValueError(f"{path} has classifier format version {meta['version']}; this threetowers reads "
+                         f"version {CLASSIFIER_VERSION} (upgrade threetowers)")
+    return meta
+
+
+def load_classifier(directory: str | Path) -> tuple[Classifier, dict]:
+    """Rebuild a saved classifier (eval mode) and return it with its model.json."""
+    meta = read_classifier_meta(directory)
+    directory = Path(directory)
+    directory = directory.parent if directory.is_file() else directory
+    known = {f.name for f in fields(ImageTowerConfig)}
+    unknown = sorted(set(meta["image"]) - known)
+    if unknown:
+        raise ValueError(f"{directory}/model.json: unknown image tower fields {unknown}")
+    # The tower's original init weights (model.image.weights) are superseded by the checkpoint.
+    image = replace(ImageTowerConfig(**meta["image"]), weights="")
+    model = Classifier(image, int(meta["num_classes"]))
+    load_weights(model, directory / "model.safetensors", what=f"classifier in {directory}")
+    return model.eval(), meta
