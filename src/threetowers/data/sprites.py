@@ -1,0 +1,447 @@
+"""Drawing for the embedded world: sprite sources (the object classes) and scene backgrounds.
+
+A sprite source maps (class, box size, angle, variant) to a `Sprite`: an alpha mask the world
+tints with a named colour (shapes, Fashion-MNIST), or an image with its own colours (a folder of
+labelled pictures). Sprites are drawn once with PIL and then composited with numpy, which is what
+keeps rendering fast. Backgrounds are vectorised numpy patterns over a pixel grid.
+
+Every sprite's visible extent is about `EXTENT` of its square box, so a rotated sprite stays in
+its box and sizes mean the same thing for every source.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+EXTENT = 0.72  # the shape spans this fraction of its box; rotation by <= 30 deg stays inside
+ANGLES = tuple(float(a) for a in np.linspace(-30.0, 30.0, 9))  # limited so a cross never becomes an x
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class Sprite:
+    alpha: np.ndarray  # float32 [b, b, 1] coverage in [0, 1]
+    edge: np.ndarray  # float32 [b, b, 1] outline ring (dilated alpha minus alpha)
+    shade: np.ndarray | None = None  # float32 [b, b, 1] texture that multiplies the tint; None = flat
+    rgb: np.ndarray | None = None  # float32 [b, b, 3] own colours (untinted sources)
+
+
+def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None = None, texture: bool = False) -> Sprite:
+    """Downsample a large mask (and picture) to the box; add a 1-2 px outline ring around it.
+
+    texture=True: `rgb_img` is a grayscale picture whose brightness shades the tint (Fashion-MNIST);
+    its faint pixels still count as solid so that thin dark garments keep their silhouette.
+    """
+    alpha = np.asarray(alpha_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    rgb = shade = None
+    if rgb_img is not None:
+        rgb = np.asarray(rgb_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    if texture:
+        shade = (0.35 + 0.65 * rgb[..., :1]).astype(np.float32)
+        alpha, rgb = np.clip(alpha * 4.0, 0.0, 1.0), None
+    radius = max(1, round(box / 24))
+    padded = np.pad(alpha, radius)
+    dilated = alpha.copy()
+    for dy in range(2 * radius + 1):  # square max filter: the outline keeps objects visible on any background
+        for dx in range(2 * radius + 1):
+            np.maximum(dilated, padded[dy : dy + box, dx : dx + box], out=dilated)
+    return Sprite(alpha=alpha[..., None], edge=(dilated - alpha)[..., None], shade=shade, rgb=rgb)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+# Each shape is a list of primitives in unit coordinates (x right, y up, extent [-1, 1]):
+# ("poly", points) | ("ellipse", cx, cy, rx, ry) | ("pie", cx, cy, r, start_deg, end_deg);
+# a primitive named with a leading "-" carves (draws alpha 0).
+
+
+def _regular(n: int, r: float = 1.0, phase: float = 90.0) -> list[tuple[float, float]]:
+    t = np.deg2rad(phase + 360.0 * np.arange(n) / n)
+    return list(zip(r * np.cos(t), r * np.sin(t)))
+
+
+def _star(n: int, outer: float, inner: float) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(2 * n):
+        r = outer if i % 2 == 0 else inner
+        t = np.deg2rad(90.0 + 180.0 * i / n)
+        pts.append((r * np.cos(t), r * np.sin(t)))
+    return pts
+
+
+SHAPES: dict[str, list[tuple]] = {
+    "circle": [("ellipse", 0, 0, 0.95, 0.95)],
+    "oval": [("ellipse", 0, 0, 1.0, 0.52)],
+    "square": [("poly", [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)])],
+    "rectangle": [("poly", [(-1, -0.42), (1, -0.42), (1, 0.42), (-1, 0.42)])],
+    "triangle": [("poly", [(0, 1), (-1, -0.75), (1, -0.75)])],
+    "diamond": [("poly", [(0, 1), (0.6, 0), (0, -1), (-0.6, 0)])],
+    "pentagon": [("poly", _regular(5))],
+    "hexagon": [("poly", _regular(6, phase=0.0))],
+    "star": [("poly", _star(5, 1.0, 0.42))],
+    "heart": [("ellipse", -0.45, 0.38, 0.52, 0.52), ("ellipse", 0.45, 0.38, 0.52, 0.52),
+              ("poly", [(-0.95, 0.2), (0.95, 0.2), (0, -0.95)])],
+    "cross": [("poly", [(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)]),
+              ("poly", [(-0.3, -1), (0.3, -1), (0.3, 1), (-0.3, 1)])],
+    "ring": [("ellipse", 0, 0, 1.0, 1.0), ("-ellipse", 0, 0, 0.52, 0.52)],
+    "frame": [("poly", [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)]),
+              ("-poly", [(-0.42, -0.42), (0.42, -0.42), (0.42, 0.42), (-0.42, 0.42)])],
+    "arrow": [("poly", [(-1, -0.22), (0.15, -0.22), (0.15, -0.7), (1, 0), (0.15, 0.7), (0.15, 0.22), (-1, 0.22)])],
+    "crescent": [("ellipse", 0, 0, 1.0, 1.0), ("-ellipse", 0.5, 0.2, 0.85, 0.85)],
+    "semicircle": [("pie", 0, -0.45, 1.0, 180, 360)],
+    "trapezoid": [("poly", [(-1, -0.6), (1, -0.6), (0.45, 0.6), (-0.45, 0.6)])],
+    "lightning bolt": [("poly", [(0.2, 1), (-0.6, -0.1), (-0.05, -0.1), (-0.3, -1), (0.62, 0.18), (0.08, 0.18), (0.5, 1)])],
+    "drop": [("ellipse", 0, -0.35, 0.63, 0.63), ("poly", [(-0.6, -0.18), (0.6, -0.18), (0, 1)])],
+    "flower": [("ellipse", 0.62 * np.cos(t), 0.62 * np.sin(t), 0.38, 0.38) for t in np.deg2rad(90 + 72 * np.arange(5))]
+    + [("ellipse", 0, 0, 0.35, 0.35)],
+    "hourglass": [("poly", [(-0.8, 1), (0.8, 1), (0.1, 0), (0.8, -1), (-0.8, -1), (-0.1, 0)])],
+    "chevron": [("poly", [(-1, -0.2), (0, 0.8), (1, -0.2), (0.62, -0.6), (0, 0.02), (-0.62, -0.6)])],
+    "tree": [("poly", [(-0.85, -0.45), (0.85, -0.45), (0, 1)]), ("poly", [(-0.2, -1), (0.2, -1), (0.2, -0.4), (-0.2, -0.4)])],
+    "mushroom": [("pie", 0, -0.15, 1.0, 180, 360), ("poly", [(-0.3, -1), (0.3, -1), (0.3, -0.1), (-0.3, -0.1)])],
+    "cloud": [("ellipse", -0.52, -0.2, 0.45, 0.45), ("ellipse", 0.05, 0.15, 0.58, 0.58), ("ellipse", 0.55, -0.18, 0.45, 0.45),
+              ("poly", [(-0.52, -0.65), (0.55, -0.65), (0.55, -0.2), (-0.52, -0.2)])],
+    "spade": [("ellipse", -0.42, -0.22, 0.46, 0.46), ("ellipse", 0.42, -0.22, 0.46, 0.46),
+              ("poly", [(-0.86, -0.1), (0.86, -0.1), (0, 1)]), ("poly", [(0, -0.4), (-0.35, -1), (0.35, -1)])],
+    "club": [("ellipse", 0, 0.45, 0.4, 0.4), ("ellipse", -0.46, -0.18, 0.4, 0.4), ("ellipse", 0.46, -0.18, 0.4, 0.4),
+             ("poly", [(0, 0.1), (-0.32, -1), (0.32, -1)])],
+    "house": [("poly", [(-0.7, -1), (0.7, -1), (0.7, 0.1), (-0.7, 0.1)]), ("poly", [(-1, 0.05), (1, 0.05), (0, 1)])],
+}
+
+SHAPE_SYNONYMS: dict[str, list[str]] = {
+    "circle": ["circle", "disc", "disk"], "oval": ["oval", "ellipse"], "square": ["square", "box"],
+    "rectangle": ["rectangle", "bar", "block"], "triangle": ["triangle"], "diamond": ["diamond", "rhombus"],
+    "pentagon": ["pentagon"], "hexagon": ["hexagon"], "star": ["star"], "heart": ["heart"],
+    "cross": ["cross", "plus sign"], "ring": ["ring", "donut", "hoop"], "frame": ["frame", "hollow square"],
+    "arrow": ["arrow"], "crescent": ["crescent", "crescent moon", "moon"], "semicircle": ["semicircle", "half disc"],
+    "trapezoid": ["trapezoid", "trapezium"], "lightning bolt": ["lightning bolt", "bolt", "flash"],
+    "drop": ["drop", "teardrop", "raindrop"], "flower": ["flower", "blossom"], "hourglass": ["hourglass", "bow tie"],
+    "chevron": ["chevron", "caret"], "tree": ["tree", "fir tree"], "mushroom": ["mushroom", "toadstool"],
+    "cloud": ["cloud"], "spade": ["spade"], "club": ["club", "clover"], "house": ["house", "hut"],
+}
+
+
+def draw_shape(name: str, canvas: int = 128) -> Image.Image:
+    """The shape as an 8-bit mask, its extent EXTENT of the canvas, centred."""
+    img = Image.new("L", (canvas, canvas), 0)
+    draw = ImageDraw.Draw(img)
+    c, r = canvas / 2.0, EXTENT * canvas / 2.0
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (c + x * r, c - y * r)
+
+    for prim in SHAPES[name]:
+        kind, fill = prim[0].lstrip("-"), 0 if prim[0].startswith("-") else 255
+        if kind == "poly":
+            draw.polygon([px(x, y) for x, y in prim[1]], fill=fill)
+        elif kind == "ellipse":
+            _, cx, cy, rx, ry = prim
+            draw.ellipse([px(cx - rx, cy + ry), px(cx + rx, cy - ry)], fill=fill)
+        else:  # pie: PIL angles run clockwise from 3 o'clock
+            _, cx, cy, rad, start, end = prim
+            draw.pieslice([px(cx - rad, cy + rad), px(cx + rad, cy - rad)], start, end, fill=fill)
+    return img
+
+
+class ShapeSource:
+    """Built-in geometric shapes, tinted by the world with a named colour."""
+
+    name = "shapes"
+    tintable = True
+    max_angle = 30.0
+
+    def __init__(self) -> None:
+        self.classes = list(SHAPES)
+        self.synonyms = SHAPE_SYNONYMS
+        self._rotated: dict[tuple[int, int, int], Image.Image] = {}
+        self._sprites: dict[tuple[int, int, int], Sprite] = {}
+
+    def identity(self) -> str:
+        return "shapes-v1"
+
+    def variants(self, cls: int, heldout: bool) -> int:
+        return 1
+
+    def sprite(self, cls: int, box: int, angle: int, variant: int, heldout: bool) -> Sprite:
+        key = (cls, box, angle)
+        spr = self._sprites.get(key)
+        if spr is None:  # a finite bank (classes x sizes x angles), filled lazily
+            canvas = 128 if box <= 32 else 256 if box <= 64 else 512  # >= 4x supersampling
+            rot = self._rotated.get((cls, angle, canvas))
+            if rot is None:
+                rot = draw_shape(self.classes[cls], canvas).rotate(ANGLES[angle], Image.Resampling.BICUBIC)
+                self._rotated[(cls, angle, canvas)] = rot
+            spr = self._sprites[key] = _make_sprite(rot, box)
+        return spr
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_CLASSES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
+FASHION_SYNONYMS = {
+    "t-shirt": ["t-shirt", "tee", "top"], "pair of trousers": ["pair of trousers", "pair of pants"],
+    "pullover": ["pullover", "sweater", "jumper"], "dress": ["dress", "gown"], "coat": ["coat", "jacket"],
+    "sandal": ["sandal"], "shirt": ["shirt", "blouse"], "sneaker": ["sneaker", "trainer", "running shoe"],
+    "bag": ["bag", "handbag", "purse"], "ankle boot": ["ankle boot", "boot"],
+}
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+
+
+class FashionMNISTSource:
+    """Fashion-MNIST garments, tinted with a named colour; their grayscale texture shades the tint.
+
+    Training streams use the 60k training images, held-out (evaluation) streams the 10k test images.
+    """
+
+    name = "fashion_mnist"
+    tintable = True
+    max_angle = 15.0
+
+    def __init__(self, root: Path = FASHION_DIR) -> None:
+        self.root = Path(root)
+        files = {"train": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+                 "test": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+        self._files = {k: self.root / v for k, v in files.items()}
+        missing = [str(p) for p in self._files.values() if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"data.world.sprites=fashion_mnist needs the Fashion-MNIST files, missing: {', '.join(missing)}; "
+                "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or use sprites=shapes"
+            )
+        self.classes = list(FASHION_CLASSES)
+        self.synonyms = FASHION_SYNONYMS
+        self._data: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._sprites: dict[tuple, Sprite] = {}
+
+    def identity(self) -> str:
+        return "fashion_mnist-" + "-".join(str(p.stat().st_size) for p in self._files.values())
+
+    def _split(self, heldout: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        split = "test" if heldout else "train"
+        if split not in self._data:
+            images = _read_idx(self._files[split], 16).reshape(-1, 28, 28)
+            labels = _read_idx(self._files[split + "_labels"], 8)
+            self._data[split] = (images, [np.flatnonzero(labels == c) for c in range(10)])
+        return self._data[split]
+
+    def variants(self, cls: int, heldout: bool) -> int:
+        return len(self._split(heldout)[1][cls])
+
+    def sprite(self, cls: int, box: int, angle: int, variant: int, heldout: bool) -> Sprite:
+        key = (cls, box, angle, variant, heldout)
+        spr = self._sprites.get(key)
+        if spr is None:
+            images, index = self._split(heldout)
+            pad = round(28 / EXTENT) - 28
+            img = Image.fromarray(np.pad(images[index[cls][variant]], (pad // 2, pad - pad // 2)))
+            img = img.resize((4 * box, 4 * box), Image.Resampling.BILINEAR)
+            img = img.rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BILINEAR)
+            spr = _make_sprite(img, box, rgb_img=img.convert("RGB"), texture=True)
+            if len(self._sprites) > 20000:  # unbounded variants: keep memory bounded
+                self._sprites.clear()
+            self._sprites[key] = spr
+        return spr
+
+
+# ----------------------------------------------------------------------------- folder of images
+
+
+class FolderSource:
+    """Any folder of labelled images, one subfolder per class; pictures keep their own colours.
+
+    Images with an alpha channel are cut out along it; others are pasted as square tiles. Every
+    image serves all splits (there is no held-out subset of a folder).
+    """
+
+    name = "folder"
+    tintable = False
+    max_angle = 15.0
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(f"data.world.sprites=folder:{root}: {self.root} is not a folder (want one subfolder per class)")
+        self._files: list[list[Path]] = []
+        self.classes = []
+        for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                self.classes.append(sub.name.replace("_", " ").lower())
+                self._files.append(files)
+        if not self.classes:
+            raise ValueError(
+                f"data.world.sprites=folder:{root}: no class subfolders with images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}"
+            )
+        self.synonyms = {c: [c] for c in self.classes}
+        self._bases: dict[tuple[int, int], Image.Image] = {}
+        self._sprites: dict[tuple, Sprite] = {}
+
+    def identity(self) -> str:
+        h = hashlib.sha1()
+        for files in self._files:
+            for f in files:
+                st = f.stat()
+                h.update(f"{f.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return "folder-" + h.hexdigest()[:16]
+
+    def variants(self, cls: int, heldout: bool) -> int:
+        return len(self._files[cls])
+
+    def _base(self, cls: int, variant: int) -> Image.Image:
+        key = (cls, variant)
+        if key not in self._bases:
+            path = self._files[cls][variant]
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGBA")
+            except OSError as err:
+                raise ValueError(f"data.world.sprites=folder:{self.root}: cannot read image {path}: {err}") from None
+            im.thumbnail((round(128 * EXTENT),) * 2)
+            canvas = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+            canvas.paste(im, ((128 - im.width) // 2, (128 - im.height) // 2))
+            self._bases[key] = canvas
+        return self._bases[key]
+
+    def sprite(self, cls: int, box: int, angle: int, variant: int, heldout: bool) -> Sprite:
+        key = (cls, box, angle, variant)
+        spr = self._sprites.get(key)
+        if spr is None:
+            rot = self._base(cls, variant).rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BICUBIC)
+            spr = _make_sprite(rot.getchannel("A"), box, rgb_img=rot.convert("RGB"))
+            if len(self._sprites) > 20000:
+                self._sprites.clear()
+            self._sprites[key] = spr
+        return spr
+
+
+def make_source(spec: str) -> ShapeSource | FashionMNISTSource | FolderSource:
+    """One entry of `data.world.sprites`: shapes | fashion_mnist | folder:PATH."""
+    spec = spec.strip()
+    if spec == "shapes":
+        return ShapeSource()
+    if spec == "fashion_mnist":
+        return FashionMNISTSource()
+    if spec.startswith("folder:") and spec[len("folder:"):]:
+        return FolderSource(spec[len("folder:"):])
+    raise ValueError(
+        f"data.world.sprites: unknown sprite source {spec!r}; use shapes, fashion_mnist or folder:PATH "
+        "(comma-separated to mix)"
+    )
+
+
+# ----------------------------------------------------------------------------- backgrounds
+
+SCENES = ["plain", "striped", "dotted", "checkered", "gradient", "grid", "noisy", "wavy", "brick", "rippled", "marbled"]
+
+
+class Backdrop:
+    """Scene backgrounds at one image size: a pixel grid and one pattern function per scene class.
+
+    Each pattern returns a mixing map m in [0, 1]; the picture is c1 + m (c2 - c1) for two colours of
+    similar hue. Lengths are in units of size/48, so a pattern looks the same at every size.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.unit = size / 48.0
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        self.yy, self.xx = yy + 0.5, xx + 0.5
+        # bilinear upsampling matrix for smooth random fields (marble): field = A @ G @ A.T
+        knots = 6
+        pos = (np.arange(size) + 0.5) / size * (knots - 1)
+        lo = np.clip(np.floor(pos).astype(int), 0, knots - 2)
+        frac = (pos - lo).astype(np.float32)
+        self.upsample = np.zeros((size, knots), np.float32)
+        self.upsample[np.arange(size), lo] = 1 - frac
+        self.upsample[np.arange(size), lo + 1] = frac
+        self._patterns = [getattr(self, "_" + name) for name in SCENES]
+
+    def draw(self, scene: int, rng: np.random.Generator, contrast: float = 1.0) -> np.ndarray:
+        """float32 [S, S, 3] in [0, 1]."""
+        c1, c2 = self._colours(rng)
+        m = self._patterns[scene](rng)
+        return c1 + m[..., None] * ((c2 - c1) * contrast)
+
+    def _colours(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        # Muted colours (low saturation), so the saturated named object colours stand out.
+        hue, sat = rng.random(), 0.1 + 0.35 * rng.random()
+        v1 = 0.5 + 0.4 * rng.random()
+        v2 = v1 - 0.3 - 0.2 * rng.random()
+        if rng.random() < 0.5:
+            v1, v2 = v2, v1
+        c1 = colorsys.hsv_to_rgb(hue, sat, v1)
+        c2 = colorsys.hsv_to_rgb((hue + 0.1 * rng.standard_normal()) % 1.0, 0.1 + 0.35 * rng.random(), v2)
+        return np.asarray(c1, np.float32), np.asarray(c2, np.float32)
+
+    def _phase(self, rng: np.random.Generator, period: float, angle_deg: float) -> np.ndarray:
+        t = np.deg2rad(angle_deg)
+        return (self.xx * np.cos(t) + self.yy * np.sin(t)) / (period * self.unit) + rng.random()
+
+    def _plain(self, rng: np.random.Generator) -> np.ndarray:
+        return np.zeros_like(self.xx)
+
+    def _striped(self, rng: np.random.Generator) -> np.ndarray:
+        angle = 45.0 * rng.integers(4) + rng.uniform(-10, 10)
+        return (self._phase(rng, rng.uniform(5, 10), angle) % 1.0 < 0.5).astype(np.float32)
+
+    def _dotted(self, rng: np.random.Generator) -> np.ndarray:
+        p = rng.uniform(7, 11) * self.unit
+        r = rng.uniform(0.22, 0.34) * p
+        ox, oy = rng.uniform(0, p, 2)
+        dx = (self.xx + ox) % p - p / 2
+        dy = (self.yy + oy) % p - p / 2
+        return (dx * dx + dy * dy < r * r).astype(np.float32)
+
+    def _checkered(self, rng: np.random.Generator) -> np.ndarray:
+        p = rng.uniform(5, 10) * self.unit
+        ox, oy = rng.uniform(0, p, 2)
+        return ((np.floor((self.xx + ox) / p) + np.floor((self.yy + oy) / p)) % 2).astype(np.float32)
+
+    def _gradient(self, rng: np.random.Generator) -> np.ndarray:
+        t = rng.uniform(0, 2 * np.pi)
+        d = (self.xx - self.size / 2) * np.cos(t) + (self.yy - self.size / 2) * np.sin(t)
+        return np.clip(0.5 + d / self.size, 0.0, 1.0)
+
+    def _grid(self, rng: np.random.Generator) -> np.ndarray:
+        p = rng.uniform(7, 12) * self.unit
+        w = max(1.0, self.unit * rng.uniform(1.0, 1.8))
+        ox, oy = rng.uniform(0, p, 2)
+        return (((self.xx + ox) % p < w) | ((self.yy + oy) % p < w)).astype(np.float32)
+
+    def _noisy(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.random((self.size, self.size), dtype=np.float32)
+
+    def _wavy(self, rng: np.random.Generator) -> np.ndarray:
+        along, across = (self.xx, self.yy) if rng.random() < 0.5 else (self.yy, self.xx)
+        wave = rng.uniform(2.0, 3.5) * self.unit * np.sin(along * (2 * np.pi / (rng.uniform(14, 22) * self.unit)) + rng.uniform(0, 6.3))
+        return (((across + wave) / (rng.uniform(6, 10) * self.unit) + rng.random()) % 1.0 < 0.5).astype(np.float32)
+
+    def _brick(self, rng: np.random.Generator) -> np.ndarray:
+        h = rng.uniform(5, 8) * self.unit
+        w = 2 * h
+        oy, ox = rng.uniform(0, h), rng.uniform(0, w)
+        row = np.floor((self.yy + oy) / h)
+        mortar = max(1.0, self.unit)
+        return (((self.yy + oy) % h < mortar) | ((self.xx + ox + (row % 2) * (w / 2)) % w < mortar)).astype(np.float32)
+
+    def _rippled(self, rng: np.random.Generator) -> np.ndarray:
+        cx, cy = rng.uniform(-0.25, 1.25, 2) * self.size
+        d = np.sqrt((self.xx - cx) ** 2 + (self.yy - cy) ** 2)
+        return ((d / (rng.uniform(5, 9) * self.unit) + rng.random()) % 1.0 < 0.5).astype(np.float32)
+
+    def _marbled(self, rng: np.random.Generator) -> np.ndarray:
+        f = self.upsample @ rng.standard_normal((6, 6), dtype=np.float32) @ self.upsample.T
+        lo, hi = f.min(), f.max()
+        return (f - lo) / max(hi - lo, 1e-6)
