@@ -153,6 +153,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip
     log_every: int = 20
     progress: bool = True
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard (the JSONL log is always written)
 
 
 @dataclass
@@ -165,6 +167,15 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`threetowers pretrain`: a supervised classifier (model.image's architecture) that later serves as h."""
+
+    dataset: str = "world_object"  # world_object | world_scene | fashion_mnist | folder:PATH
+    num_images: int = 20000  # training images (world: rendered from data.world.seed; others: at most this many)
+    num_heldout: int = 1000  # held-out images for the top-1 accuracy reported at the end
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -172,6 +183,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -190,14 +202,28 @@ _CHOICES = {
     "data.third_embeddings": ("cache", "online"),
     "train.precision": ("bf16", "fp32"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
 }
 _POSITIVE = (
     "model.embed_dim", "model.image.image_size", "model.image.patch_size", "model.image.width",
     "model.image.depth", "model.image.heads", "model.text.vocab_size", "model.text.context_length",
     "model.text.width", "model.text.depth", "model.text.heads", "loss.init_scale", "train.steps",
     "train.batch_size", "train.grad_accum", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "data.world.num_pairs", "data.world.image_size",
+    "train.keep_checkpoints", "data.world.num_pairs", "data.world.image_size", "optim.lr", "optim.eps",
+    "pretrain.num_images", "pretrain.num_heldout",
 )
+# Inclusive ranges [low, high] for fields that must not go negative or past a bound.
+_RANGES = {
+    "optim.weight_decay": (0.0, float("inf")),
+    "optim.beta1": (0.0, 0.999999),
+    "optim.beta2": (0.0, 0.999999),
+    "optim.grad_clip": (0.0, float("inf")),
+    "optim.warmup_steps": (0, float("inf")),
+    "optim.min_lr_ratio": (0.0, 1.0),
+    "train.threads": (0, float("inf")),
+    "eval.every": (0, float("inf")),
+}
+PRETRAIN_DATASETS = ("world_object", "world_scene", "fashion_mnist", "folder:PATH")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -227,6 +253,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         value = _get(cfg, key)
         if not value > 0:
             raise ConfigError(f"{key}={value!r} must be > 0")
+    for key, (low, high) in _RANGES.items():
+        value = _get(cfg, key)
+        if not low <= value <= high:
+            raise ConfigError(f"{key}={value!r} is out of range; allowed: {low} <= {key.split('.')[-1]} <= {high}")
+    ds = cfg.pretrain.dataset
+    if ds not in PRETRAIN_DATASETS[:-1] and not (ds.startswith("folder:") and len(ds) > len("folder:")):
+        raise ConfigError(f"pretrain.dataset={ds!r} is not allowed; choose one of {', '.join(PRETRAIN_DATASETS)}")
     m = cfg.model
     if m.image.kind == "vit":
         if m.image.image_size % m.image.patch_size:
@@ -329,7 +362,7 @@ def load_config(
             _check_keys(OmegaConf.to_container(layer), valid, "overrides")
             merged = OmegaConf.merge(merged, layer)
     except (ValidationError, ConfigKeyError) as err:
-        raise ConfigError(f"{err.full_key}: {err.msg}") from None
+        raise ConfigError(f"{err.full_key}: {str(err.msg).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from None
     cfg: Config = OmegaConf.to_object(merged)

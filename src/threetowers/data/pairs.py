@@ -1,5 +1,8 @@
 """Real image-text pairs: webdataset tar shards and CSV/TSV files, read the same way.
 
+`build_pairs_dataset` makes a dataset from `DataConfig`; `load_csv_arrays` and `StreamTrainData`
+serve the step-indexed training data of `threetowers.data.loader`.
+
 Every reader yields samples `{"image": float [3, S, S] in [0, 1], "caption": str, "key": str,
 "bad_counts": ...}` made by the same `decode_rgb` + `image_transform`; `collate` batches them.
 Captions stay text here; the trainer tokenizes a batch at once.
@@ -15,21 +18,23 @@ which names example samples and their reasons.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import random
 import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
 
+from threetowers.config import Config, DataConfig
 from threetowers.data.transforms import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, image_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats, in preference order
@@ -102,8 +107,8 @@ class BadSampleCounter:
     def snapshot(self) -> dict[str, dict]:
         """This process's own counts, keyed by process, for `merge` elsewhere."""
         self._own()
-        own = {"seen": self.seen, "counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
-        return {self.source: own}
+        examples = {reason: list(kept) for reason, kept in self.examples.items()}
+        return {self.source: {"seen": self.seen, "counts": dict(self.counts), "examples": examples}}
 
     def merge(self, snapshots: dict[str, dict] | None) -> None:
         """Fold in other processes' counts (from `batch["bad_counts"]`) and apply the limit to the total."""
@@ -128,10 +133,11 @@ class BadSampleCounter:
     def num_bad(self) -> int:
         return sum(self.totals()[1].values())
 
-    def check(self) -> None:
+    def check(self, final: bool = False) -> None:
+        """Raise `BadDataError` past the limit; `final=True` (a whole pass is done) ignores `min_seen`."""
         seen, counts, _ = self.totals()
         bad = sum(counts.values())
-        if seen >= self.min_seen and bad > self.max_bad_fraction * seen:
+        if (final or seen >= self.min_seen) and bad > self.max_bad_fraction * seen:
             raise BadDataError(
                 f"too many bad samples: {self.summary()}, above data.max_bad_fraction={self.max_bad_fraction:.1%}. "
                 "Fix or filter the data, or raise data.max_bad_fraction."
@@ -288,7 +294,7 @@ class ShardPairs(IterableDataset):
                 "use more shards or data.resampled=true"
             )
         shards: Iterator[dict] = (dict(url=u) for u in order)
-        shards = wds.split_by_node(shards) if self.rank is None else islice(shards, rank, None, world)
+        shards = wds.split_by_node(shards) if self.rank is None else itertools.islice(shards, rank, None, world)
         return wds.split_by_worker(shards)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -400,21 +406,24 @@ class CsvPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         for step in range(n):
-            row = (index + step) % n
-            written = self.images[row]
-            image = None if written is None else self.path.parent / written
-            where = f"{self.path.name} row {row + 1} ({written})"
-            sample = self.decode(image, self.captions[row], written or f"row{row + 1}", where)
+            sample = self.row((index + step) % n)
             if sample is not None:
                 return sample
         raise BadDataError(f"no usable row in {self.path}: {self.counter.summary()}")
+
+    def row(self, row: int) -> dict[str, Any] | None:
+        """Row `row` as a sample, or None (counted) if it is bad; no substitution."""
+        written = self.images[row]
+        image = None if written is None else self.path.parent / written
+        where = f"{self.path.name} row {row + 1} ({written})"
+        return self.decode(image, self.captions[row], written or f"row{row + 1}", where)
 
 
 # ----------------------------------------------------------------------------- from config
 
 
 def build_pairs_dataset(
-    cfg: Any, image_size: int, *, seed: int = 0, rank: int | None = None, world_size: int | None = None
+    cfg: DataConfig, image_size: int, *, seed: int = 0, rank: int | None = None, world_size: int | None = None
 ) -> ShardPairs | CsvPairs:
     """`DataConfig` -> a dataset of real pairs; its `.counter` holds the bad-sample counts."""
     common = dict(augment=cfg.augment, max_bad_fraction=cfg.max_bad_fraction)
@@ -424,5 +433,127 @@ def build_pairs_dataset(
             seed=seed, rank=rank, world_size=world_size, **common,
         )
     if cfg.source == "csv":
-        return CsvPairs(cfg.path, image_size, image_column=cfg.image_column, caption_column=cfg.caption_column, **common)
+        columns = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
+        return CsvPairs(cfg.path, image_size, **columns, **common)
     raise ValueError(f"data.source={cfg.source!r}: build_pairs_dataset reads webdataset | csv (the world has its own)")
+
+
+# ----------------------------------------------------------------------------- training data (data/loader.py)
+
+TOKENIZER_CAPTIONS = 20_000  # captions read from the shards to train BPE when no tokenizer is given
+
+
+class _Rows(Dataset):
+    """CSV rows without substitution: a bad row becomes a marker that only carries the counts."""
+
+    def __init__(self, pairs: CsvPairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        return self.pairs.row(row) or {"bad_counts": self.pairs.counter.snapshot()}
+
+
+def _collate_rows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if "image" in s]
+    batch = collate(good) if good else {"image": None, "caption": [], "key": []}
+    batch["bad_counts"] = {k: v for s in samples for k, v in s["bad_counts"].items()}
+    return batch
+
+
+def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> tuple[np.ndarray, list[str], list[str]]:
+    """Decode every usable CSV/TSV row once: uint8 images `[N, S, S, 3]`, captions, keys.
+
+    Bad rows are skipped and counted; the `max_bad_fraction` limit applies to the whole pass, however
+    short the file. Rows are resized and center-cropped once, so `data.augment` cannot apply.
+    """
+    if cfg.augment:
+        raise ValueError(
+            "data.augment=true needs images decoded at every step, but data.source=csv decodes each row once "
+            "into arrays; set data.augment=false, or write the pairs as webdataset shards"
+        )
+    pairs = CsvPairs(cfg.path, image_size, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                     max_bad_fraction=cfg.max_bad_fraction)
+    loader = DataLoader(_Rows(pairs), batch_size=64, num_workers=cfg.num_workers, collate_fn=_collate_rows)
+    images = np.empty((len(pairs), image_size, image_size, 3), dtype=np.uint8)
+    captions: list[str] = []
+    keys: list[str] = []
+    for batch in tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress):
+        pairs.counter.merge(batch["bad_counts"])
+        if batch["key"]:
+            start = len(keys)
+            # The transform resized uint8 pixels, then divided by 255: this is exact.
+            pixels = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            images[start : start + len(batch["key"])] = pixels.numpy()
+            captions += batch["caption"]
+            keys += batch["key"]
+    pairs.counter.check(final=True)
+    if not keys:
+        raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
+    return images[: len(keys)], captions, keys
+
+
+def stream_captions(urls: Sequence[str], limit: int = TOKENIZER_CAPTIONS) -> Iterator[str]:
+    """Up to `limit` usable captions from the shards, in order, reading only their `.txt` members."""
+    samples = wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=lambda name: name.endswith(".txt"))(
+        dict(url=u) for u in urls
+    )
+    count = 0
+    for raw in samples:
+        if count >= limit:
+            return
+        try:
+            text = clean_caption(raw.get("txt"))
+        except SampleError:
+            continue
+        count += 1
+        yield text
+
+
+class StreamTrainData:
+    """Webdataset shards as training batches by step: `{"image", "keys", "tokens"}` for this rank.
+
+    The shards stream through a DataLoader (`data.num_workers`); on resume at step s the sample order
+    is re-seeded from s (statistically equivalent to the uninterrupted run, not identical). Without
+    `data.resampled` the shards are read epoch after epoch, forever. h's embeddings cannot be cached
+    by row for a stream, so lit/3t need `data.third_embeddings=online` (the trainer runs h).
+    """
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, third: Any = None) -> None:
+        if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
+            raise ValueError(
+                f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "
+                f"model.method={cfg.model.method}; set data.third_embeddings=online"
+            )
+        from threetowers.data.loader import load_or_train_tokenizer  # loader imports this module lazily
+
+        self.per_rank = cfg.train.batch_size // world_size
+        self.num_workers = cfg.data.num_workers
+        self.dataset = ShardPairs(
+            cfg.data.path, cfg.model.image.image_size, augment=cfg.data.augment, resampled=cfg.data.resampled,
+            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank, world_size=world_size,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        # A generator: the shards are only read if a tokenizer has to be trained.
+        self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir)
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        for restart in itertools.count():
+            self.dataset.set_epoch(start_step + restart)  # also seeds the order: a resume gets a fresh one
+            loader = DataLoader(self.dataset, batch_size=self.per_rank, num_workers=self.num_workers,
+                                collate_fn=collate, drop_last=True)
+            empty = True
+            for batch in loader:
+                empty = False
+                self.dataset.counter.merge(batch["bad_counts"])
+                yield {"image": batch["image"], "keys": batch["key"], "tokens": self.tokenizer(batch["caption"])}
+            if empty:
+                raise ValueError(
+                    f"data.path={self.dataset.urls[0]!r}...: this rank got fewer than one batch "
+                    f"({self.per_rank} samples) from its shards; use more shards or data.resampled=true"
+                )
+
+    def bad_samples(self) -> dict[str, int]:
+        return dict(self.dataset.counter.totals()[1])

@@ -28,10 +28,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 @dataclass(frozen=True)
 class Sprite:
-    alpha: np.ndarray  # float32 [b, b, 1] coverage in [0, 1]
-    edge: np.ndarray  # float32 [b, b, 1] outline ring (dilated alpha minus alpha)
-    shade: np.ndarray | None = None  # float32 [b, b, 1] texture that multiplies the tint; None = flat
-    rgb: np.ndarray | None = None  # float32 [b, b, 3] own colours (untinted sources)
+    """Precomputed compositing terms, so pasting is `region = region * keep + edge * outline + cover * tint (+ own)`.
+
+    Arrays are [b, b] (or channel-first [3, b, b]): the world composites channel-first, where numpy's
+    inner loops run over pixels rather than over 3 channels.
+    """
+
+    keep: np.ndarray  # float32 [b, b]: 1 - coverage of sprite and outline
+    edge: np.ndarray  # float32 [b, b]: outline ring (dilated alpha minus alpha)
+    cover: np.ndarray  # float32 [b, b]: alpha x texture shading, multiplies the tint (zeros when untinted)
+    own: np.ndarray | None = None  # float32 [3, b, b]: alpha x own colours (untinted sources)
 
 
 def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None = None, texture: bool = False) -> Sprite:
@@ -39,21 +45,27 @@ def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None =
 
     texture=True: `rgb_img` is a grayscale picture whose brightness shades the tint (Fashion-MNIST);
     its faint pixels still count as solid so that thin dark garments keep their silhouette.
+    rgb_img without texture: the sprite keeps its own colours and is not tinted.
     """
     alpha = np.asarray(alpha_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
-    rgb = shade = None
+    rgb = None
     if rgb_img is not None:
-        rgb = np.asarray(rgb_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
+        rgb = np.asarray(rgb_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    shade = np.float32(1.0)
     if texture:
-        shade = (0.35 + 0.65 * rgb[..., :1]).astype(np.float32)
-        alpha, rgb = np.clip(alpha * 4.0, 0.0, 1.0), None
+        shade, alpha, rgb = 0.35 + 0.65 * rgb[0], np.clip(alpha * 4.0, 0.0, 1.0), None
     radius = max(1, round(box / 24))
-    padded = np.pad(alpha, radius)
+    padded = np.zeros((box + 2 * radius,) * 2, np.float32)  # np.pad is slow for tiny arrays
+    padded[radius:-radius, radius:-radius] = alpha
     dilated = alpha.copy()
     for dy in range(2 * radius + 1):  # square max filter: the outline keeps objects visible on any background
         for dx in range(2 * radius + 1):
             np.maximum(dilated, padded[dy : dy + box, dx : dx + box], out=dilated)
-    return Sprite(alpha=alpha[..., None], edge=(dilated - alpha)[..., None], shade=shade, rgb=rgb)
+    f32 = np.float32
+    if rgb is not None:
+        return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32),
+                      cover=np.zeros_like(alpha), own=(alpha * rgb).astype(f32))
+    return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32), cover=(alpha * shade).astype(f32))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -98,13 +110,14 @@ SHAPES: dict[str, list[tuple]] = {
     "crescent": [("ellipse", 0, 0, 1.0, 1.0), ("-ellipse", 0.5, 0.2, 0.85, 0.85)],
     "semicircle": [("pie", 0, -0.45, 1.0, 180, 360)],
     "trapezoid": [("poly", [(-1, -0.6), (1, -0.6), (0.45, 0.6), (-0.45, 0.6)])],
-    "lightning bolt": [("poly", [(0.2, 1), (-0.6, -0.1), (-0.05, -0.1), (-0.3, -1), (0.62, 0.18), (0.08, 0.18), (0.5, 1)])],
+    "lightning bolt": [("poly", [(0.1, 1), (-0.7, -0.12), (-0.1, -0.12), (-0.4, -1), (0.7, 0.2), (0.1, 0.2), (0.6, 1)])],
     "drop": [("ellipse", 0, -0.35, 0.63, 0.63), ("poly", [(-0.6, -0.18), (0.6, -0.18), (0, 1)])],
     "flower": [("ellipse", 0.62 * np.cos(t), 0.62 * np.sin(t), 0.38, 0.38) for t in np.deg2rad(90 + 72 * np.arange(5))]
     + [("ellipse", 0, 0, 0.35, 0.35)],
     "hourglass": [("poly", [(-0.8, 1), (0.8, 1), (0.1, 0), (0.8, -1), (-0.8, -1), (-0.1, 0)])],
     "chevron": [("poly", [(-1, -0.2), (0, 0.8), (1, -0.2), (0.62, -0.6), (0, 0.02), (-0.62, -0.6)])],
-    "tree": [("poly", [(-0.85, -0.45), (0.85, -0.45), (0, 1)]), ("poly", [(-0.2, -1), (0.2, -1), (0.2, -0.4), (-0.2, -0.4)])],
+    "tree": [("poly", [(-0.9, -0.55), (0.9, -0.55), (0, 0.4)]), ("poly", [(-0.7, -0.05), (0.7, -0.05), (0, 1)]),
+             ("poly", [(-0.2, -1), (0.2, -1), (0.2, -0.5), (-0.2, -0.5)])],
     "mushroom": [("pie", 0, -0.15, 1.0, 180, 360), ("poly", [(-0.3, -1), (0.3, -1), (0.3, -0.1), (-0.3, -0.1)])],
     "cloud": [("ellipse", -0.52, -0.2, 0.45, 0.45), ("ellipse", 0.05, 0.15, 0.58, 0.58), ("ellipse", 0.55, -0.18, 0.45, 0.45),
               ("poly", [(-0.52, -0.65), (0.55, -0.65), (0.55, -0.2), (-0.52, -0.2)])],
@@ -346,18 +359,24 @@ def make_source(spec: str) -> ShapeSource | FashionMNISTSource | FolderSource:
 SCENES = ["plain", "striped", "dotted", "checkered", "gradient", "grid", "noisy", "wavy", "brick", "rippled", "marbled"]
 
 
+def _frac(t: np.ndarray) -> np.ndarray:
+    return t - np.floor(t)  # much faster than t % 1.0 in numpy
+
+
 class Backdrop:
     """Scene backgrounds at one image size: a pixel grid and one pattern function per scene class.
 
-    Each pattern returns a mixing map m in [0, 1]; the picture is c1 + m (c2 - c1) for two colours of
-    similar hue. Lengths are in units of size/48, so a pattern looks the same at every size.
+    Each pattern returns a mixing map m [S, S] in [0, 1]; the picture is c1 + m (c2 - c1) for two
+    colours of similar hue, channel-first. Axis-aligned patterns work on a row (1, S) and a column
+    (S, 1) and broadcast at the end. Lengths are in units of size/48, so a pattern looks the same at
+    every size.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.unit = size / 48.0
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self.yy, self.xx = yy + 0.5, xx + 0.5
+        coords = np.arange(size, dtype=np.float32) + 0.5
+        self.x, self.y = coords[None, :], coords[:, None]
         # bilinear upsampling matrix for smooth random fields (marble): field = A @ G @ A.T
         knots = 6
         pos = (np.arange(size) + 0.5) / size * (knots - 1)
@@ -369,10 +388,10 @@ class Backdrop:
         self._patterns = [getattr(self, "_" + name) for name in SCENES]
 
     def draw(self, scene: int, rng: np.random.Generator, contrast: float = 1.0) -> np.ndarray:
-        """float32 [S, S, 3] in [0, 1]."""
+        """float32 [3, S, S] in [0, 1] (channel-first)."""
         c1, c2 = self._colours(rng)
         m = self._patterns[scene](rng)
-        return c1 + m[..., None] * ((c2 - c1) * contrast)
+        return c1[:, None, None] + m[None] * ((c2 - c1) * np.float32(contrast))[:, None, None]
 
     def _colours(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         # Muted colours (low saturation), so the saturated named object colours stand out.
@@ -385,61 +404,67 @@ class Backdrop:
         c2 = colorsys.hsv_to_rgb((hue + 0.1 * rng.standard_normal()) % 1.0, 0.1 + 0.35 * rng.random(), v2)
         return np.asarray(c1, np.float32), np.asarray(c2, np.float32)
 
-    def _phase(self, rng: np.random.Generator, period: float, angle_deg: float) -> np.ndarray:
-        t = np.deg2rad(angle_deg)
-        return (self.xx * np.cos(t) + self.yy * np.sin(t)) / (period * self.unit) + rng.random()
+    def _length(self, rng: np.random.Generator, lo: float, hi: float) -> float:
+        return rng.uniform(lo, hi) * self.unit
 
     def _plain(self, rng: np.random.Generator) -> np.ndarray:
-        return np.zeros_like(self.xx)
+        return np.zeros((self.size, self.size), np.float32)
 
     def _striped(self, rng: np.random.Generator) -> np.ndarray:
-        angle = 45.0 * rng.integers(4) + rng.uniform(-10, 10)
-        return (self._phase(rng, rng.uniform(5, 10), angle) % 1.0 < 0.5).astype(np.float32)
+        t = np.deg2rad(45.0 * rng.integers(4) + rng.uniform(-10, 10))
+        p = self._length(rng, 5, 10)
+        phase = (self.x * (np.cos(t) / p) + rng.random()) + self.y * (np.sin(t) / p)
+        return (_frac(phase) < 0.5).astype(np.float32)
 
     def _dotted(self, rng: np.random.Generator) -> np.ndarray:
-        p = rng.uniform(7, 11) * self.unit
-        r = rng.uniform(0.22, 0.34) * p
-        ox, oy = rng.uniform(0, p, 2)
-        dx = (self.xx + ox) % p - p / 2
-        dy = (self.yy + oy) % p - p / 2
+        p = self._length(rng, 7, 11)
+        r = rng.uniform(0.22, 0.34)
+        ox, oy = rng.random(2)
+        dx = _frac(self.x / p + ox) - 0.5
+        dy = _frac(self.y / p + oy) - 0.5
         return (dx * dx + dy * dy < r * r).astype(np.float32)
 
     def _checkered(self, rng: np.random.Generator) -> np.ndarray:
-        p = rng.uniform(5, 10) * self.unit
-        ox, oy = rng.uniform(0, p, 2)
-        return ((np.floor((self.xx + ox) / p) + np.floor((self.yy + oy) / p)) % 2).astype(np.float32)
+        p = self._length(rng, 5, 10)
+        ox, oy = rng.random(2)
+        cells = np.floor(self.x / p + ox) + np.floor(self.y / p + oy)
+        return (_frac(cells * 0.5) > 0.25).astype(np.float32)  # odd cells
 
     def _gradient(self, rng: np.random.Generator) -> np.ndarray:
         t = rng.uniform(0, 2 * np.pi)
-        d = (self.xx - self.size / 2) * np.cos(t) + (self.yy - self.size / 2) * np.sin(t)
-        return np.clip(0.5 + d / self.size, 0.0, 1.0)
+        half = self.size / 2
+        d = (self.x - half) * (np.cos(t) / self.size) + ((self.y - half) * (np.sin(t) / self.size) + 0.5)
+        return np.clip(d, 0.0, 1.0)
 
     def _grid(self, rng: np.random.Generator) -> np.ndarray:
-        p = rng.uniform(7, 12) * self.unit
-        w = max(1.0, self.unit * rng.uniform(1.0, 1.8))
-        ox, oy = rng.uniform(0, p, 2)
-        return (((self.xx + ox) % p < w) | ((self.yy + oy) % p < w)).astype(np.float32)
+        p = self._length(rng, 7, 12)
+        w = max(1.0, self.unit * rng.uniform(1.0, 1.8)) / p
+        ox, oy = rng.random(2)
+        return ((_frac(self.x / p + ox) < w) | (_frac(self.y / p + oy) < w)).astype(np.float32)
 
     def _noisy(self, rng: np.random.Generator) -> np.ndarray:
         return rng.random((self.size, self.size), dtype=np.float32)
 
     def _wavy(self, rng: np.random.Generator) -> np.ndarray:
-        along, across = (self.xx, self.yy) if rng.random() < 0.5 else (self.yy, self.xx)
-        wave = rng.uniform(2.0, 3.5) * self.unit * np.sin(along * (2 * np.pi / (rng.uniform(14, 22) * self.unit)) + rng.uniform(0, 6.3))
-        return (((across + wave) / (rng.uniform(6, 10) * self.unit) + rng.random()) % 1.0 < 0.5).astype(np.float32)
+        amp, wavelength, p = self._length(rng, 2.0, 3.5), self._length(rng, 14, 22), self._length(rng, 6, 10)
+        along, across = (self.x, self.y) if rng.random() < 0.5 else (self.y, self.x)
+        wave = amp * np.sin(along * (2 * np.pi / wavelength) + rng.uniform(0, 2 * np.pi)) + rng.random() * p
+        return (_frac((across + wave) / p) < 0.5).astype(np.float32)
 
     def _brick(self, rng: np.random.Generator) -> np.ndarray:
-        h = rng.uniform(5, 8) * self.unit
+        h = self._length(rng, 5, 8)
         w = 2 * h
-        oy, ox = rng.uniform(0, h), rng.uniform(0, w)
-        row = np.floor((self.yy + oy) / h)
         mortar = max(1.0, self.unit)
-        return (((self.yy + oy) % h < mortar) | ((self.xx + ox + (row % 2) * (w / 2)) % w < mortar)).astype(np.float32)
+        rows = (self.y + rng.uniform(0, h)) / h
+        shift = _frac(np.floor(rows) * 0.5)  # 0 or 0.5 brick: alternate rows are offset
+        joints = _frac(self.x / w + rng.random() + shift) < mortar / w
+        return ((_frac(rows) < mortar / h) | joints).astype(np.float32)
 
     def _rippled(self, rng: np.random.Generator) -> np.ndarray:
         cx, cy = rng.uniform(-0.25, 1.25, 2) * self.size
-        d = np.sqrt((self.xx - cx) ** 2 + (self.yy - cy) ** 2)
-        return ((d / (rng.uniform(5, 9) * self.unit) + rng.random()) % 1.0 < 0.5).astype(np.float32)
+        p = self._length(rng, 5, 9)
+        d = np.sqrt((self.x - cx) ** 2 + (self.y - cy) ** 2)
+        return (_frac(d / p + rng.random()) < 0.5).astype(np.float32)
 
     def _marbled(self, rng: np.random.Generator) -> np.ndarray:
         f = self.upsample @ rng.standard_normal((6, 6), dtype=np.float32) @ self.upsample.T

@@ -114,17 +114,16 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         room = self.context_length - 1  # the last slot is reserved for the eot
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, enc in enumerate(self.hf.encode_batch(list(texts), add_special_tokens=False)):
+        rows = []
+        for enc in self.hf.encode_batch(list(texts), add_special_tokens=False):
             ids = enc.ids
             if len(ids) > room:
                 ids = ids[:room]
                 self.truncated += 1
             if self.offset:
                 ids = [i + self.offset for i in ids]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            out[row, len(ids)] = self.eot_id
-        return out
+            rows.append(ids + [self.eot_id] + [self.pad_id] * (room - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """One sequence of ids -> text; stops at the first eot and ignores padding."""
@@ -140,6 +139,11 @@ class Tokenizer:
 
     def decode_batch(self, ids: torch.Tensor) -> list[str]:
         return [self.decode(row) for row in ids]
+
+    def __setstate__(self, state: dict) -> None:
+        # The flag is not part of the Rust tokenizer's serialised state (pickle, tokenizer.json).
+        self.__dict__.update(state)
+        self.hf.encode_special_tokens = True
 
     def __repr__(self) -> str:
         return (

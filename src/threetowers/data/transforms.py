@@ -91,7 +91,7 @@ def decode_rgb(
             reason = "truncated_image" if "truncated" in str(err) else "corrupt_image"
             raise ImageError(reason, f"{type(err).__name__}: {err}") from None
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
     except Exception:  # a malformed EXIF block does not spoil the pixels; keep them as stored
         pass
     img = to_rgb(img)

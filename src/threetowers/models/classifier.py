@@ -86,16 +86,23 @@ def save_classifier(model: Classifier, directory: str | Path, class_names: list[
     return directory
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory, also when given its model.json or model.safetensors."""
+    path = Path(path)
+    return path.parent if path.is_file() and path.name in ("model.json", "model.safetensors") else path
+
+
 def read_classifier_meta(directory: str | Path) -> dict:
     """model.json of a classifier checkpoint; anything else is refused with what it is instead."""
-    directory = Path(directory)
-    if directory.is_file() and directory.name in ("model.json", "model.safetensors"):
-        directory = directory.parent
+    directory = _checkpoint_dir(directory)
     path = directory / "model.json"
     if not path.is_file():
         raise ValueError(f"{directory} is not a classifier checkpoint of `threetowers pretrain`: "
                          f"{path.name} is missing")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
     found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
     if found != CLASSIFIER_FORMAT:
         what = "a contrastive model (CLIP/LiT/3T)" if found == MODEL_FORMAT else f"a {found!r} file"
@@ -110,8 +117,7 @@ def read_classifier_meta(directory: str | Path) -> dict:
 def load_classifier(directory: str | Path) -> tuple[Classifier, dict]:
     """Rebuild a saved classifier (eval mode) and return it with its model.json."""
     meta = read_classifier_meta(directory)
-    directory = Path(directory)
-    directory = directory.parent if directory.is_file() else directory
+    directory = _checkpoint_dir(directory)
     known = {f.name for f in fields(ImageTowerConfig)}
     unknown = sorted(set(meta["image"]) - known)
     if unknown:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .classifier import load_classifier
 from .third_tower import FrozenImageModel, Preprocessing, register_source
-from .towers import TimmTower
+from .towers import _timm_head_prefixes, create_timm
 from .weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,8 +47,9 @@ class MissingExtraError(ImportError, ValueError):
 
 
 def _interpolation(name: str) -> str:
-    # F.interpolate knows these; timm's "random" or PIL-only modes fall back to bilinear.
-    return name if name in ("bilinear", "bicubic", "nearest", "area") else "bilinear"
+    # `preprocess` resizes with antialiased bilinear or bicubic; other modes (timm's "random",
+    # PIL-only filters) fall back to bilinear.
+    return name if name in ("bilinear", "bicubic") else "bilinear"
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -74,7 +75,10 @@ def checkpoint_source(cfg) -> FrozenImageModel:
 
 @register_source("timm")
 def timm_source(cfg) -> FrozenImageModel:
-    """Any timm model (created with num_classes=0: pooled pre-logits) with its pretrained preprocessing."""
+    """Any timm model (created with num_classes=0: pooled pre-logits) with its pretrained preprocessing.
+
+    Fixed-size models (ViTs) given a different `model.third.input_size` are built with
+    `dynamic_img_size=True`: the same weights, position embeddings resampled to the input grid."""
     if not cfg.name:
         raise ValueError("model.third.source=timm needs model.third.name (a timm model name, e.g. resnet50)")
     download = not cfg.path and os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"
@@ -85,7 +89,23 @@ def timm_source(cfg) -> FrozenImageModel:
             f"(safetensors or a torch state dict), or set {ALLOW_DOWNLOAD_ENV}=1 to download the "
             "pretrained weights from the Hugging Face hub"
         )
-    model = TimmTower(cfg.name, cfg.path, pretrained_hub=download).model  # TimmTower loads/checks the weights
+    kwargs, native = {}, (3, 224, 224)
+    try:
+        from timm.models import get_pretrained_cfg_value
+
+        native = get_pretrained_cfg_value(cfg.name, "input_size") or (3, 224, 224)
+        if cfg.input_size and cfg.input_size != native[-1] and get_pretrained_cfg_value(cfg.name, "fixed_input_size"):
+            kwargs["dynamic_img_size"] = True
+    except RuntimeError:  # an unknown name: create_timm below says which names are close
+        pass
+    try:
+        model = create_timm(cfg.name, pretrained_hub=download, **kwargs)
+    except TypeError:
+        raise ValueError(f"timm model {cfg.name} only accepts {native[-1]} px images; set model.third.input_size=0 "
+                         f"(or {native[-1]})") from None
+    if cfg.path:
+        # A classifier's file fits too: its head keys are dropped (the model has num_classes=0).
+        load_weights(model, cfg.path, what=f"timm model {cfg.name}", ignore_prefixes=_timm_head_prefixes(model))
     pcfg = model.pretrained_cfg
     # head_hidden_size: models with a pre-logits layer (e.g. MobileNetV3) output more than num_features.
     dim = getattr(model, "head_hidden_size", None) or model.num_features

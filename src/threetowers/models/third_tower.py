@@ -55,7 +55,7 @@ def weights_fingerprint(module: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors too
     return digest.hexdigest()
 
 

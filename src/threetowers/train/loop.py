@@ -1,0 +1,460 @@
+"""The trainer: one step-based loop for any model whose `forward(batch)` returns a dict with "loss".
+
+`train` builds the contrastive job (CLIP, LiT and 3T are the same `ThreeTowers` model, configured);
+`pretrain` (train/pretrain.py) builds a classifier job; both run through `run`, which reads top to
+bottom in phases: resume -> output directory -> the loop (micro-batches, update, logs, evals,
+checkpoints) -> final model.
+
+Gradient accumulation: each step's batch (this rank's share of `train.batch_size`) is split into
+`train.grad_accum` micro-batches, and each micro-batch is a contrastive batch of its own: its
+negatives are the other rows of that micro-batch on all ranks (batch_size / grad_accum rows), not
+the whole step's batch. Gradients are summed over the micro-batches before the one update. This is
+the usual trade (open_clip's default): accumulation saves memory but does not add negatives.
+
+Exact resume: the data are a pure function of (seed, step, rank), so a checkpoint stores the step
+and the loader does the rest; weights, optimizer, schedule and every rank's RNG states are restored
+bit for bit. On CPU a killed and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, ConfigError, load_config, to_dict, to_yaml, validate
+from .checkpoint import (
+    TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
+    load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state, write_text_atomic,
+)
+from .distributed import (
+    DistInfo, all_mean, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
+    world_size_from_env, wrap_model,
+)
+from .logging import RunLogger
+from .optim import build_optimizer, build_scheduler
+
+Evaluate = Callable[[nn.Module, int], dict]
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss); the last good checkpoint is intact."""
+
+
+@dataclass
+class Job:
+    """What the loop trains, and how its weights are written to and read from a directory."""
+
+    name: str
+    model: nn.Module  # forward(batch) -> {"loss": scalar, other scalars to log, ...}
+    data: Any  # .batches(start_step) -> one batch per step; .bad_samples() -> {reason: count}
+    save_model: Callable[[nn.Module, Path], None]
+    load_weights: Callable[[nn.Module, Path], None]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path  # the final model (load_model / load_classifier)
+    step: int
+    metrics: dict[str, Any]  # the last logged training metrics and the last evaluation
+    model: nn.Module = field(repr=False, default=None)  # the trained model, on its device
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_config(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
+                   world_size: int | None = None) -> Config:
+    """A validated private copy of the config: from a Config, a preset name or a YAML path, plus overrides."""
+    world_size = world_size or world_size_from_env()
+    if not isinstance(cfg_or_preset, Config):
+        return load_config(cfg_or_preset, overrides, world_size=world_size)
+    if not overrides:
+        return validate(copy.deepcopy(cfg_or_preset), world_size)
+    layer = OmegaConf.create(overrides) if isinstance(overrides, dict) else OmegaConf.from_dotlist(list(overrides))
+    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg_or_preset)), layer)
+    return load_config(None, OmegaConf.to_container(merged), world_size=world_size)
+
+
+def setup_runtime(cfg: Config, info: DistInfo) -> None:
+    """Threads, seeds and numerics of this process."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed = cfg.train.seed + info.rank
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only; every rank gets its result, or raises its exception."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+            if not info.enabled:
+                raise
+            error = err
+    result, error = broadcast_object((result, error), info)
+    if error is not None:
+        raise error
+    return result
+
+
+def _report(info: DistInfo) -> Callable[[str], None]:
+    return (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+
+
+# ----------------------------------------------------------------------------- contrastive job
+
+
+def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:
+    """The public model format (model.safetensors + model.json) plus the tokenizer it was trained with."""
+    from ..models.model import save_model
+
+    save_model(model, directory)
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+
+
+def load_contrastive(model: nn.Module, directory: Path) -> None:
+    """Weights of a saved ThreeTowers model into `model` (h is not stored; it must be the same h)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "model.json").read_text())
+    third = getattr(model, "third_info", None)
+    if third and meta.get("third") and third["fingerprint"] != meta["third"]["fingerprint"]:
+        raise CheckpointError(f"{directory} was trained with third tower {meta['third']['name']} (weights "
+                              f"{meta['third']['fingerprint'][:12]}), not {third['name']} ({third['fingerprint'][:12]})")
+    state = load_file(str(directory / "model.safetensors"))
+    for alias, target in meta.get("aliases", {}).items():
+        state[alias] = state[target]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("third.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}/model.safetensors does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
+          evaluate: Evaluate | None = None, *, third: nn.Module | None = None, data: Any = None) -> TrainResult:
+    """Train CLIP, LiT or 3T as configured; the Python twin of `threetowers train`.
+
+    `evaluate(model, step) -> {name: value}` runs on rank 0 every `eval.every` steps and at the end,
+    on the unwrapped model in eval mode under no_grad; its results are logged as `eval/<name>`. The
+    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. `third` (a built h)
+    and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`) replace the
+    ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
+    """
+    cfg = resolve_config(cfg_or_preset, overrides)
+    info = init_distributed(cfg.train.device)
+    try:
+        setup_runtime(cfg, info)
+        on_main(info, lambda: check_writable(cfg.train.output_dir))
+        if third is None and cfg.model.method != "clip":
+            from ..models.third_tower import load_third_tower
+
+            third = load_third_tower(cfg.model.third)
+        if data is None:
+            from ..data.loader import build_train_data
+
+            data = build_train_data(cfg, info.rank, info.world_size, third=third)
+        tokenizer = getattr(data, "tokenizer", None)
+        if tokenizer is not None:
+            cfg.model.text.vocab_size = tokenizer.vocab_size
+        from ..models.model import ThreeTowers
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+            model = ThreeTowers(cfg, third=third)
+        job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
+        if tokenizer is not None:
+            on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
+        return run(cfg, job, info, evaluate)
+    finally:
+        shutdown(info)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """`parts` equal micro-batches along the first dimension (tensors and lists alike)."""
+    if parts == 1:
+        return [batch]
+    rows = _rows(batch)
+    size = rows // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _rows(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError(f"a training batch needs at least one tensor; got keys {sorted(batch)}")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_backward(model: nn.Module, batch: dict, grad_accum: int, device: torch.device,
+                     precision: str) -> dict[str, torch.Tensor]:
+    """Forward and backward over the step's micro-batches; gradients accumulate in `.grad`.
+
+    Returns the mean over micro-batches of every scalar the model reported (detached). Under DDP the
+    gradients are all-reduced once, after the last micro-batch.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    micro = split_batch(batch, grad_accum)
+    for i, part in enumerate(micro):
+        part = _to_device(part, device)
+        last = i == len(micro) - 1
+        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+            with autocast(device, precision):
+                out = model(part)
+            (out["loss"] / len(micro)).backward()
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(())
+    return {k: v / len(micro) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Window:
+    """Running sums between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.data_s = self.step_s = 0.0
+
+    def add(self, values: dict[str, float], data_s: float, step_s: float) -> None:
+        for k, v in values.items():  # a skipped step adds timings but no values
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.data_s += data_s
+        self.step_s += step_s
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None) -> TrainResult:
+    """Train `job.model` on `job.data` for `cfg.train.steps` steps, resuming as `cfg.train.resume` says."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
+    report = _report(info)
+    model = job.model.to(info.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.optim, info.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
+
+    # --- resume: rank 0 picks the checkpoint, every rank loads it (output_dir is shared storage)
+    resume_from = on_main(info, lambda: _str_or_none(find_resume(out, tc.resume, report)))
+    start, skipped = 0, 0
+    if resume_from is not None:
+        state = load_train_state(resume_from)
+        _check_resumable(state, cfg, info, report)
+        job.load_weights(model, Path(resume_from))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+        start, skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
+        report(f"resuming from {resume_from} at step {start}")
+
+    n_train = sum(p.numel() for p in trainable)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+    def prepare() -> None:
+        for step, path in list_checkpoints(out):
+            if step > start:  # a different timeline (resume=never, or an older checkpoint chosen)
+                set_aside(path, "superseded", report)
+        # Weights + two AdamW moments per checkpoint kept, one more being written, and the final model.
+        per_ckpt = 3 * sum(p.numel() * p.element_size() for p in trainable)
+        check_writable(out, need_bytes=per_ckpt * (tc.keep_checkpoints + 1) + per_ckpt // 3)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        report(f"{job.name}: {cfg.model.method if job.name == 'train' else 'classifier'}, {tc.steps} steps, "
+               f"batch {tc.batch_size} on {info.world_size} process(es), {info.device.type}, {tc.precision}; "
+               f"{n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters -> {out}")
+
+    on_main(info, prepare)
+    ddp = wrap_model(model, info)
+    ddp.train()
+    logger = RunLogger(out, enabled=info.is_main, total_steps=tc.steps, start_step=start, progress=tc.progress,
+                       tensorboard=tc.tensorboard, desc=job.name)
+    per_rank = tc.batch_size // info.world_size
+    window, last_logged, last_eval = _Window(), {}, {}
+    last_ckpt = resume_from
+
+    def checkpoint(step: int) -> str:
+        rngs = gather_objects(rng_state(), info)  # every rank's RNG, restored per rank on resume
+
+        def write(tmp: Path) -> None:
+            job.save_model(model, tmp)
+            state = {"step": step, "world_size": info.world_size, "job": job.name,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                     "nonfinite_skipped": skipped, "config": to_dict(cfg)}
+            torch.save(state, tmp / TRAIN_STATE)
+            (tmp / "config.yaml").write_text(to_yaml(cfg))
+
+        return on_main(info, lambda: str(save_checkpoint(out, step, write, tc.keep_checkpoints)))
+
+    batches: Iterator[dict] = iter(job.data.batches(start))
+    try:
+        for step in range(start, tc.steps):
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the training data ended before step {step + 1}; batches(start_step) must yield "
+                                   "one batch per step, without end") from None
+            t_data = time.perf_counter() - t0
+            if _rows(batch) != per_rank:
+                raise ValueError(f"the data gave {_rows(batch)} rows at step {step + 1}; expected train.batch_size / "
+                                 f"world size = {per_rank}")
+            stats = forward_backward(ddp, batch, tc.grad_accum, info.device, tc.precision)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
+            keys = sorted(stats)
+            values = all_mean(torch.stack([stats[k] for k in keys] + [grad_norm.float().reshape(())]), info).tolist()
+            metrics = {f"train/{k}": v for k, v in zip(keys, values)}
+            metrics["train/grad_norm"] = values[-1]
+            lr = scheduler.get_last_lr()[0]
+            done = step + 1
+            if all(math.isfinite(v) for v in values):
+                optimizer.step()
+            else:
+                detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
+                                   if k.startswith(("train/loss", "train/grad_norm")))
+                if tc.on_nonfinite == "stop":
+                    raise TrainingStopped(
+                        f"non-finite loss or gradient at step {done} ({detail}); stopped before updating the weights. "
+                        f"The last good checkpoint is {last_ckpt or 'none (none was written yet)'}; resume from it "
+                        "with a lower optim.lr, check the data, or set train.on_nonfinite=skip")
+                skipped += 1
+                logger.write(f"step {done}: non-finite loss or gradient ({detail}); step skipped "
+                             f"({skipped} skipped so far)")
+                metrics = {}
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            t_step = time.perf_counter() - t0
+            window.add(metrics, t_data, t_step)
+            logger.step(done, metrics.get("train/loss", math.nan), tc.batch_size / max(t_step, 1e-9))
+
+            if done % tc.log_every == 0 or done == tc.steps:
+                bad = _sum_counts(gather_objects(_bad_samples(job.data), info))
+                last_logged = {
+                    **window.means(), "train/lr": lr, "train/samples_per_s": tc.batch_size * window.steps / window.step_s,
+                    "time/data_s": window.data_s / window.steps, "time/step_s": window.step_s / window.steps,
+                    "time/data_fraction": window.data_s / window.step_s, "train/nonfinite_skipped": skipped,
+                    **{f"data/bad/{k}": v for k, v in bad.items()},
+                }
+                logger.log(done, last_logged)
+                window = _Window()
+            if evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == tc.steps):
+                last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), done))
+                logger.log(done, last_eval)
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                last_ckpt = checkpoint(done)
+
+        if start >= tc.steps and evaluate is not None:
+            last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), start))
+        model_dir = out / "model"
+
+        def write_final() -> None:
+            with atomic_directory(model_dir, {"step": max(start, tc.steps)}) as tmp:
+                job.save_model(model, tmp)
+            logger.write(f"{job.name} done: step {max(start, tc.steps)}, model in {model_dir}")
+
+        on_main(info, write_final)
+    finally:
+        logger.close()
+    return TrainResult(out, model_dir, max(start, tc.steps), {**last_logged, **last_eval}, model)
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _bad_samples(data: Any) -> dict[str, int]:
+    fn = getattr(data, "bad_samples", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _evaluate(evaluate: Evaluate, model: nn.Module, step: int) -> dict[str, Any]:
+    """Run the hook in eval mode, without gradients, without disturbing the training RNG streams."""
+    saved = rng_state()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = evaluate(model, step) or {}
+    finally:
+        model.train(was_training)
+        set_rng_state(saved)
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        out[key if key.startswith("eval/") else f"eval/{key}"] = value
+    return out
+
+
+def _check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[str], None]) -> None:
+    saved = state.get("config", {})
+    now = to_dict(cfg)
+    if saved.get("model") != now["model"]:
+        diff = _diff(saved.get("model", {}), now["model"], "model.")
+        raise CheckpointError(f"the checkpoint was trained with another model config ({'; '.join(diff[:5])}); "
+                              "use the same model settings, or another train.output_dir / train.resume=never")
+    other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")]
+    if other:
+        report(f"note: settings changed since the checkpoint: {'; '.join(other[:8])}")
+    if state.get("world_size", info.world_size) != info.world_size:
+        report(f"note: the checkpoint was written by {state['world_size']} process(es), this run has "
+               f"{info.world_size}; training continues, but not bit-identically to an uninterrupted run")
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+__all__ = ["train", "run", "Job", "TrainResult", "TrainingStopped", "forward_backward", "resolve_config", "ConfigError"]

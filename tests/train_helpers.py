@@ -1,0 +1,102 @@
+"""Synthetic training data for the trainer's tests, and a `threetowers` entry point that uses it.
+
+`SyntheticData` follows the loader protocol (`batches(start_step)`, `bad_samples()`, `tokenizer`)
+with learnable pairs: each row has a class; its image is the class's pattern plus noise and its
+caption names the class among random words. Batches are a pure function of (seed, step, rank),
+and the global batch is the same whatever the world size (rank r gets rows r*b .. (r+1)*b).
+
+Run as a script (`python train_helpers.py train tiny ...`, or under torchrun) it is the
+`threetowers` command with this data in place of the real loader, so the tests exercise the real
+CLI, trainer and checkpoints in seconds. Environment knobs for the tests: TT_STEP_DELAY (seconds
+of sleep per batch, to give a killer time), TT_NAN_STEPS (comma-separated steps whose images are NaN).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+VOCAB = 64
+EOT = 1
+
+
+class FakeTokenizer:
+    vocab_size = VOCAB
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"fake": True, "vocab_size": VOCAB}))
+
+
+class SyntheticData:
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, third=None, *, classes: int = 8,
+                 fixed: bool = False, labelled: bool = False, nan_steps=(), delay: float = 0.0):
+        self.cfg, self.rank, self.world_size, self.third = cfg, rank, world_size, third
+        self.classes, self.fixed, self.labelled = classes, fixed, labelled
+        self.nan_steps = set(nan_steps) or {int(s) for s in os.environ.get("TT_NAN_STEPS", "").split(",") if s}
+        self.delay = delay or float(os.environ.get("TT_STEP_DELAY", "0"))
+        self.tokenizer = None if labelled else FakeTokenizer()
+        size = cfg.model.image.image_size
+        g = torch.Generator().manual_seed(1234)
+        self.patterns = torch.rand(classes, 3, size, size, generator=g)
+
+    def global_batch(self, step: int) -> dict:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + (0 if self.fixed else step))
+        n, length = cfg.train.batch_size, cfg.model.text.context_length
+        labels = torch.randint(0, self.classes, (n,), generator=g)
+        images = 0.7 * self.patterns[labels] + 0.3 * torch.rand(n, 3, *self.patterns.shape[-2:], generator=g)
+        if step in self.nan_steps:
+            images[:] = float("nan")
+        if self.labelled:
+            return {"image": images, "label": labels}
+        tokens = torch.zeros(n, length, dtype=torch.long)
+        tokens[:, 0] = 2 + labels  # the class word
+        tokens[:, 1:4] = torch.randint(2 + self.classes, VOCAB, (n, 3), generator=g)  # filler words
+        tokens[:, 4] = EOT
+        batch = {"image": images, "tokens": tokens, "keys": [f"s{step}-{i}" for i in range(n)]}
+        if self.third is not None and cfg.data.third_embeddings == "cache":
+            with torch.no_grad():
+                batch["third"] = self.third(images)  # what the embedding cache would hold
+        return batch
+
+    def batches(self, start_step: int):
+        per_rank = self.cfg.train.batch_size // self.world_size
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        for step in itertools.count(start_step):
+            if self.delay:
+                time.sleep(self.delay)
+            yield {k: v[rows] for k, v in self.global_batch(step).items()}
+
+    def bad_samples(self) -> dict[str, int]:
+        return {"corrupt_image": 1}
+
+
+def install() -> None:
+    """Make `threetowers.data.loader.build_train_data` build SyntheticData (in this process)."""
+    fake = types.ModuleType("threetowers.data.loader")
+    fake.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
+    sys.modules["threetowers.data.loader"] = fake
+
+
+# Overrides for a tiny model that trains in milliseconds per step (the synthetic data's sizes).
+TINY = [
+    "model.image.image_size=16", "model.image.patch_size=4", "model.image.width=32", "model.image.depth=1",
+    "model.image.heads=2", "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+    f"model.text.vocab_size={VOCAB}", "model.text.context_length=8", "model.embed_dim=16",
+    "train.batch_size=16", "train.log_every=1", "train.progress=false", "train.device=cpu", "train.threads=1",
+    "optim.warmup_steps=2",
+]
+
+
+if __name__ == "__main__":
+    install()
+    from threetowers.cli import main
+
+    sys.exit(main())
