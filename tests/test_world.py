@@ -164,6 +164,8 @@ def test_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch):
     assert isinstance(again.images, np.memmap) and len(calls) <= 3  # loaded, only spot-checked
     assert np.array_equal(again.images, first.images) and again.captions == first.captions
     assert again.objects == first.objects and again.keys == first.keys
+    expected = np.array(first.images)
+    del first, again  # drop the maps before damaging the file in place (else SIGBUS on truncation)
 
     # truncated (a killed writer) -> rebuilt
     data = npy.read_bytes()
@@ -171,7 +173,8 @@ def test_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch):
     calls.clear()
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = World(cfg, cache_min=40, progress=False).pairs("train", 60)
-    assert len(calls) >= 60 and np.array_equal(rebuilt.images, first.images)
+    assert len(calls) >= 60 and np.array_equal(rebuilt.images, expected)
+    del rebuilt
     # stale content (a spot-checked image altered) -> rebuilt
     arr = np.load(npy, mmap_mode="r+")
     arr[30] = 0
@@ -179,12 +182,13 @@ def test_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch):
     del arr
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = World(cfg, cache_min=40, progress=False).pairs("train", 60)
-    assert np.array_equal(rebuilt.images, first.images)
+    assert np.array_equal(rebuilt.images, expected)
+    captions = rebuilt.captions
     # broken metadata -> rebuilt
     files[0].write_text("{not json")
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = World(cfg, cache_min=40, progress=False).pairs("train", 60)
-    assert rebuilt.captions == first.captions
+    assert rebuilt.captions == captions
     assert json.loads(files[0].read_text())["n"] == 60
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from .classifier import load_classifier
 from .third_tower import FrozenImageModel, Preprocessing, register_source
-from .towers import _timm_head_prefixes, create_timm
+from .towers import timm_head_prefixes, create_timm
 from .weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,7 +105,7 @@ def timm_source(cfg) -> FrozenImageModel:
                          f"(or {native[-1]})") from None
     if cfg.path:
         # A classifier's file fits too: its head keys are dropped (the model has num_classes=0).
-        load_weights(model, cfg.path, what=f"timm model {cfg.name}", ignore_prefixes=_timm_head_prefixes(model))
+        load_weights(model, cfg.path, what=f"timm model {cfg.name}", ignore_prefixes=timm_head_prefixes(model))
     pcfg = model.pretrained_cfg
     # head_hidden_size: models with a pre-logits layer (e.g. MobileNetV3) output more than num_features.
     dim = getattr(model, "head_hidden_size", None) or model.num_features

@@ -24,9 +24,10 @@ class TimmTower(nn.Module):
         self.model = create_timm(name, pretrained_hub=pretrained_hub)
         if weights:
             # Classifier weights fit too: the classifier head is dropped (num_classes=0).
-            load_weights(self.model, weights, what=f"timm model {name}", ignore_prefixes=_timm_head_prefixes(self.model))
+            load_weights(self.model, weights, what=f"timm model {name}", ignore_prefixes=timm_head_prefixes(self.model))
         cfg = self.model.pretrained_cfg
-        self.dim = self.model.num_features
+        # Models with a pre-logits layer report it as head_hidden_size; that is what they output.
+        self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
@@ -35,7 +36,7 @@ class TimmTower(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def _timm_head_prefixes(model: nn.Module) -> tuple[str, ...]:
+def timm_head_prefixes(model: nn.Module) -> tuple[str, ...]:
     name = model.pretrained_cfg.get("classifier", "head")
     names = name if isinstance(name, (list, tuple)) else [name]
     return tuple(n + "." for n in names)
