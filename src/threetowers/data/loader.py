@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config
-from .features import FeatureCache, build_feature_cache, cache_dir_for, cache_identity
+from .features import FeatureCache, build_feature_cache, cache_dir_for
 from .sets import as_float
 
 
@@ -110,15 +110,19 @@ def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Cal
         return None
     root = Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "cache")
     directory = cache_dir_for(root, third.info(), ds_id)
-    # Rank 0 builds (or resumes) the cache; the other ranks wait, then read it.
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
-        cache = build_feature_cache(directory, third, third.info(), ds_id, keys, images, progress=progress)
-    if distributed:
-        dist.barrier()
-        if dist.get_rank() != 0:
-            cache = FeatureCache(directory, cache_identity(third.info(), ds_id, len(keys)))
-    return cache
+    # Rank 0 builds (or resumes) the cache; the other ranks then find it complete and only read it.
+    return rank0_first(lambda: build_feature_cache(directory, third, third.info(), ds_id, keys, images,
+                                                   progress=progress))
+
+
+def rank0_first(make: Callable):
+    """Run `make` on rank 0, then on the other ranks (which find its files on disk and reuse them)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return make()
+    result = make() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if dist.get_rank() == 0 else make()
 
 
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ArrayTrainData:
@@ -140,7 +144,7 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
         from .pairs import StreamTrainData
 
         return StreamTrainData(cfg, rank, world_size, third)
-    tokenizer = load_or_train_tokenizer(cfg, captions, cfg.train.output_dir)
+    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
     return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size,

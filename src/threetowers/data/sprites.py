@@ -45,7 +45,7 @@ def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None =
 
     texture=True: `rgb_img` is a grayscale picture whose brightness shades the tint (Fashion-MNIST);
     its faint pixels still count as solid so that thin dark garments keep their silhouette.
-    rgb_img without texture: the sprite keeps its own colours and is not tinted.
+    rgb_img without texture: the sprite keeps its own colours (premultiplied by alpha) and is not tinted.
     """
     alpha = np.asarray(alpha_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
     rgb = None
@@ -64,7 +64,7 @@ def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None =
     f32 = np.float32
     if rgb is not None:
         return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32),
-                      cover=np.zeros_like(alpha), own=(alpha * rgb).astype(f32))
+                      cover=np.zeros_like(alpha), own=rgb.astype(f32))
     return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32), cover=(alpha * shade).astype(f32))
 
 
@@ -318,11 +318,12 @@ class FolderSource:
             path = self._files[cls][variant]
             try:
                 with Image.open(path) as im:
-                    im = im.convert("RGBA")
+                    im = im.convert("RGBA").convert("RGBa")  # premultiplied: no dark fringes when resampled
             except OSError as err:
                 raise ValueError(f"data.world.sprites=folder:{self.root}: cannot read image {path}: {err}") from None
-            im.thumbnail((round(128 * EXTENT),) * 2)
-            canvas = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+            scale = 128 * EXTENT / max(im.size)  # fit the longer side to the sprite extent, up or down
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
+            canvas = Image.new("RGBa", (128, 128), (0, 0, 0, 0))
             canvas.paste(im, ((128 - im.width) // 2, (128 - im.height) // 2))
             self._bases[key] = canvas
         return self._bases[key]
@@ -332,7 +333,8 @@ class FolderSource:
         spr = self._sprites.get(key)
         if spr is None:
             rot = self._base(cls, variant).rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BICUBIC)
-            spr = _make_sprite(rot.getchannel("A"), box, rgb_img=rot.convert("RGB"))
+            *rgb, alpha = rot.split()
+            spr = _make_sprite(alpha, box, rgb_img=Image.merge("RGB", rgb))
             if len(self._sprites) > 20000:
                 self._sprites.clear()
             self._sprites[key] = spr
