@@ -129,7 +129,8 @@ def test_mixing_endpoints_and_numpy_inputs():
 
 
 def test_positive_ranks_query_without_positive_is_never_found():
-    ranks = positive_ranks([(torch.ones(2, 1), torch.ones(4, 1), 1.0)], torch.tensor([0, 9]), torch.tensor([0, 1, 2, 3]))
+    pairs = [(torch.ones(2, 1), torch.ones(4, 1), 1.0)]
+    ranks = positive_ranks(pairs, torch.tensor([0, 9]), torch.tensor([0, 1, 2, 3]))
     assert ranks.tolist() == [3, 4]  # all three negatives tie with the positive; label 9 has no positive
 
 
@@ -222,7 +223,7 @@ def test_fewshot_ridge_is_at_chance_on_random_labels():
     assert fewshot_ridge(x, y, xt, yt) == pytest.approx(0.25, abs=0.04)
 
 
-def test_ridge_leave_one_out_matches_explicit_refits():
+def test_ridge_predictions_and_leave_one_out_match_explicit_solves():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 5, generator=gen).double(), torch.arange(3).repeat(4)
     ridge, l2 = _Ridge(x, y, 3), 0.7
@@ -233,7 +234,10 @@ def test_ridge_leave_one_out_matches_explicit_refits():
         xm, tm = xk.mean(0), tk.mean(0)  # free (unpenalised) bias
         w = torch.linalg.solve((xk - xm).T @ (xk - xm) + l2 * torch.eye(5), (xk - xm).T @ (tk - tm))
         assert torch.allclose(ridge.loo_predictions(l2)[i], (x[i] - xm) @ w + tm, atol=1e-10)
-    assert torch.allclose(ridge.predict(x[:3], l2), ridge.predict(x[:3], l2))  # deterministic
+    xm, tm = x.mean(0), targets.mean(0)
+    w = torch.linalg.solve((x - xm).T @ (x - xm) + l2 * torch.eye(5), (x - xm).T @ (targets - tm))
+    xt = torch.randn(4, 5, generator=gen).double()
+    assert torch.allclose(ridge.predict(xt, l2), (xt - xm) @ w + tm, atol=1e-10)
 
 
 def test_linear_probe_separable_and_random():
@@ -241,7 +245,8 @@ def test_linear_probe_separable_and_random():
     xt, yt = _clusters(4, 30, 16, seed=1)
     assert linear_probe(x, y, xt, yt) == 1.0
     gen = torch.Generator().manual_seed(0)
-    assert linear_probe(x, y, torch.randn(2000, 16, generator=gen), torch.randint(0, 4, (2000,), generator=gen)) == pytest.approx(0.25, abs=0.05)
+    xt, yt = torch.randn(2000, 16, generator=gen), torch.randint(0, 4, (2000,), generator=gen)
+    assert linear_probe(x, y, xt, yt) == pytest.approx(0.25, abs=0.05)
 
 
 def test_sample_shots():
@@ -255,7 +260,7 @@ def test_sample_shots():
 
 def test_fewshot_eval_means_stds_and_embeds_the_test_set_once():
     pool_x, pool_y = _clusters(4, 30, 16, seed=0)
-    test = (_clusters(4, 20, 16, seed=1))
+    test = _clusters(4, 20, 16, seed=1)
     embedded = []
 
     def embed_fn(inputs):
@@ -271,14 +276,19 @@ def test_fewshot_eval_means_stds_and_embeds_the_test_set_once():
     assert embedded.count(80) == 1 and len(embedded) == 1 + 6  # test once, six train sets
 
     gen = torch.Generator().manual_seed(5)
-    noisy = fewshot_eval(lambda v: v, lambda k, s: ((torch.randn(4 * k, 8, generator=gen), torch.arange(4).repeat(k)),
-                                                     (torch.randn(200, 8, generator=gen), torch.randint(0, 4, (200,), generator=gen))),
-                         shots=(2,), seeds=(0, 1, 2, 3))
-    accs_spread = noisy["2shot/std"]
-    assert 0.0 < accs_spread < 0.2 and 0.1 < noisy["2shot/mean"] < 0.4
+
+    def random_sets(shots, seed):  # features unrelated to labels: chance level, non-zero spread
+        train = (torch.randn(4 * shots, 8, generator=gen), torch.arange(4).repeat(shots))
+        return train, (torch.randn(200, 8, generator=gen), torch.randint(0, 4, (200,), generator=gen))
+
+    noisy = fewshot_eval(lambda v: v, random_sets, shots=(2,), seeds=(0, 1, 2, 3))
+    assert 0.0 < noisy["2shot/std"] < 0.2 and 0.1 < noisy["2shot/mean"] < 0.4
 
 
 # ----------------------------------------------------------------------------- input errors
+
+
+PROBE_TEST = (torch.randn(2, 3), torch.arange(2))
 
 
 @pytest.mark.parametrize(
@@ -292,15 +302,80 @@ def test_fewshot_eval_means_stds_and_embeds_the_test_set_once():
         (lambda: retrieval_recall(torch.full((3, 4), float("nan")), torch.randn(5, 4), OWNER), "finite"),
         (lambda: retrieval_recall(torch.randn(3, 4), torch.randn(5, 4), OWNER, ks=(0,)), "ks must be positive"),
         (lambda: retrieval_recall(torch.randn(3, 4), torch.randn(5, 4), OWNER, chunk_size=0), "chunk_size"),
-        (lambda: retrieval_recall_mixed([(torch.randn(3, 4), torch.randn(5, 4), 0.5), (torch.randn(2, 4), torch.randn(5, 4), 0.5)], OWNER), "every pair must score the same items"),
+        (
+            lambda: retrieval_recall_mixed(
+                [(torch.randn(3, 4), torch.randn(5, 4), 0.5), (torch.randn(2, 4), torch.randn(5, 4), 0.5)], OWNER
+            ),
+            "every pair must score the same items",
+        ),
         (lambda: retrieval_recall_mixed([], OWNER), "at least one"),
-        (lambda: zeroshot_accuracy(torch.randn(6, 3), torch.eye(3), torch.tensor([0, 1, 2, 3, 0, 0])), r"labels must lie in \[0, 3\)"),
+        (lambda: zeroshot_accuracy(torch.randn(6, 3), torch.eye(3), ZS_LABELS + 1), r"labels must lie in \[0, 3\)"),
         (lambda: zeroshot_accuracy(torch.randn(6, 3), torch.eye(4), ZS_LABELS), "class_emb has dim 4"),
-        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(3), torch.randn(2, 3), torch.arange(2)), "train_labels must be 1-D"),
-        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(4), torch.randn(2, 5), torch.arange(2)), "test_emb has dim 5"),
-        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(4), torch.randn(2, 3), torch.arange(2), l2=0.0), "l2 must be positive"),
+        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(3), *PROBE_TEST), "train_labels must be 1-D"),
+        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(4), torch.randn(2, 5), PROBE_TEST[1]), "test_emb has dim 5"),
+        (lambda: fewshot_ridge(torch.randn(4, 3), torch.arange(4), *PROBE_TEST, l2=0.0), "l2 must be positive"),
     ],
 )
 def test_shape_and_value_errors_are_clear(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------- suite (embedding + metrics)
+
+COLOURS = ["red", "green", "blue"]
+
+
+class ColourModel(torch.nn.Module):
+    """Image embedding = mean colour, text embedding = one-hot colour word; the 'third' image side
+    sees every colour shifted by one, so mixing towards it makes predictions wrong."""
+
+    def __init__(self, third: bool = True):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        if third:
+            self.encode_image_third = lambda x: self.encode_image(x).roll(1, dims=1)
+            self.encode_text_third = self.encode_text
+
+    def encode_image(self, images):
+        assert not self.training and images.dtype == torch.float32 and images.max() <= 1.0
+        return F.normalize(images.mean((2, 3)), dim=1)
+
+    def encode_text(self, tokens):
+        return F.one_hot(tokens[:, 0], 3).float()
+
+
+def colour_tokenizer(texts):
+    words = [t.replace(".", "").split() for t in texts]
+    return torch.tensor([[next(COLOURS.index(w) for w in ws if w in COLOURS), 0] for ws in words])
+
+
+def solid_images(colours):
+    images = np.zeros((len(colours), 4, 4, 3), dtype=np.uint8)
+    images[np.arange(len(colours)), :, :, colours] = 255
+    return images
+
+
+def test_evaluate_zeroshot_retrieval_and_mixing_sweep():
+    from threetowers.data.sets import CaptionedSet, LabelledSet
+    from threetowers.eval import evaluate
+
+    labels = np.array([0, 1, 2, 2, 1, 0, 0])
+    tasks = {
+        "colours": LabelledSet(solid_images(labels), labels, COLOURS, ["a {} thing.", "{}"]),
+        "captions": CaptionedSet(
+            solid_images([0, 1, 2]), ["red", "a red one", "green", "blue.", "blue blue"], np.array([0, 0, 1, 2, 2])
+        ),
+    }
+    model = ColourModel().train()
+    r = evaluate(model, colour_tokenizer, tasks, batch_size=2, mixing_alphas=[0.0, 0.25, 0.5, 1.0])
+    assert model.training  # restored
+    assert r["colours/top1"] == r["colours/mean_per_class_recall"] == 1.0
+    assert r["captions/i2t_R@1"] == r["captions/t2i_R@1"] == 1.0
+    # s_a = (1-a) onehot(c) + a onehot(c+1): right below a = 0.5, a tie (counted wrong) at 0.5
+    assert [r[f"colours/mix@{a}/top1"] for a in ("0", "0.25", "0.5", "1")] == [1.0, 1.0, 0.0, 0.0]
+    assert r["captions/mix@0.25/t2i_R@1"] == 1.0 and r["captions/mix@1/t2i_R@1"] == 0.0
+    plain = evaluate(ColourModel(third=False), colour_tokenizer, tasks, mixing_alphas=[0.5])
+    assert not any("mix@" in k for k in plain) and plain["colours/top5"] == 1.0
+    with pytest.raises(ValueError, match="task 'bad'"):
+        evaluate(model, colour_tokenizer, {"bad": [1, 2]})

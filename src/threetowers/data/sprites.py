@@ -40,20 +40,13 @@ class Sprite:
     own: np.ndarray | None = None  # float32 [3, b, b]: alpha x own colours (untinted sources)
 
 
-def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None = None, texture: bool = False) -> Sprite:
-    """Downsample a large mask (and picture) to the box; add a 1-2 px outline ring around it.
+def _make_sprite(alpha: np.ndarray, shade: np.ndarray | None = None, own: np.ndarray | None = None) -> Sprite:
+    """Compositing terms from coverage alpha [b, b] in [0, 1], with a 1-2 px outline ring around it.
 
-    texture=True: `rgb_img` is a grayscale picture whose brightness shades the tint (Fashion-MNIST);
-    its faint pixels still count as solid so that thin dark garments keep their silhouette.
-    rgb_img without texture: the sprite keeps its own colours (premultiplied by alpha) and is not tinted.
+    shade [b, b]: texture that multiplies the tint (Fashion-MNIST); own [3, b, b]: the sprite's own
+    colours, premultiplied by alpha (folder images, not tinted).
     """
-    alpha = np.asarray(alpha_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32) / 255.0
-    rgb = None
-    if rgb_img is not None:
-        rgb = np.asarray(rgb_img.resize((box, box), Image.Resampling.BOX), dtype=np.float32).transpose(2, 0, 1) / 255.0
-    shade = np.float32(1.0)
-    if texture:
-        shade, alpha, rgb = 0.35 + 0.65 * rgb[0], np.clip(alpha * 4.0, 0.0, 1.0), None
+    box = alpha.shape[0]
     radius = max(1, round(box / 24))
     padded = np.zeros((box + 2 * radius,) * 2, np.float32)  # np.pad is slow for tiny arrays
     padded[radius:-radius, radius:-radius] = alpha
@@ -61,11 +54,21 @@ def _make_sprite(alpha_img: Image.Image, box: int, rgb_img: Image.Image | None =
     for dy in range(2 * radius + 1):  # square max filter: the outline keeps objects visible on any background
         for dx in range(2 * radius + 1):
             np.maximum(dilated, padded[dy : dy + box, dx : dx + box], out=dilated)
-    f32 = np.float32
-    if rgb is not None:
-        return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32),
-                      cover=np.zeros_like(alpha), own=rgb.astype(f32))
-    return Sprite(keep=(1 - dilated).astype(f32), edge=(dilated - alpha).astype(f32), cover=(alpha * shade).astype(f32))
+    keep, edge = (1 - dilated).astype(np.float32), (dilated - alpha).astype(np.float32)
+    if own is not None:
+        return Sprite(keep=keep, edge=edge, cover=np.zeros_like(keep), own=own.astype(np.float32))
+    return Sprite(keep=keep, edge=edge, cover=(alpha if shade is None else alpha * shade).astype(np.float32))
+
+
+def _put(cache: dict, key: tuple, value: object, limit: int) -> None:
+    """Insert into a per-source cache, emptied when full: memory stays bounded for large folders."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
+def _pixels(img: Image.Image, box: int, resample: Image.Resampling = Image.Resampling.BOX) -> np.ndarray:
+    return np.asarray(img.resize((box, box), resample), dtype=np.float32) / 255.0
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -110,7 +113,8 @@ SHAPES: dict[str, list[tuple]] = {
     "crescent": [("ellipse", 0, 0, 1.0, 1.0), ("-ellipse", 0.5, 0.2, 0.85, 0.85)],
     "semicircle": [("pie", 0, -0.45, 1.0, 180, 360)],
     "trapezoid": [("poly", [(-1, -0.6), (1, -0.6), (0.45, 0.6), (-0.45, 0.6)])],
-    "lightning bolt": [("poly", [(0.1, 1), (-0.7, -0.12), (-0.1, -0.12), (-0.4, -1), (0.7, 0.2), (0.1, 0.2), (0.6, 1)])],
+    "lightning bolt": [("poly", [(0.1, 1), (-0.7, -0.12), (-0.1, -0.12), (-0.4, -1), (0.7, 0.2), (0.1, 0.2),
+                                 (0.6, 1)])],
     "drop": [("ellipse", 0, -0.35, 0.63, 0.63), ("poly", [(-0.6, -0.18), (0.6, -0.18), (0, 1)])],
     "flower": [("ellipse", 0.62 * np.cos(t), 0.62 * np.sin(t), 0.38, 0.38) for t in np.deg2rad(90 + 72 * np.arange(5))]
     + [("ellipse", 0, 0, 0.35, 0.35)],
@@ -119,7 +123,8 @@ SHAPES: dict[str, list[tuple]] = {
     "tree": [("poly", [(-0.9, -0.55), (0.9, -0.55), (0, 0.4)]), ("poly", [(-0.7, -0.05), (0.7, -0.05), (0, 1)]),
              ("poly", [(-0.2, -1), (0.2, -1), (0.2, -0.5), (-0.2, -0.5)])],
     "mushroom": [("pie", 0, -0.15, 1.0, 180, 360), ("poly", [(-0.3, -1), (0.3, -1), (0.3, -0.1), (-0.3, -0.1)])],
-    "cloud": [("ellipse", -0.52, -0.2, 0.45, 0.45), ("ellipse", 0.05, 0.15, 0.58, 0.58), ("ellipse", 0.55, -0.18, 0.45, 0.45),
+    "cloud": [("ellipse", -0.52, -0.2, 0.45, 0.45), ("ellipse", 0.05, 0.15, 0.58, 0.58),
+              ("ellipse", 0.55, -0.18, 0.45, 0.45),
               ("poly", [(-0.52, -0.65), (0.55, -0.65), (0.55, -0.2), (-0.52, -0.2)])],
     "spade": [("ellipse", -0.42, -0.22, 0.46, 0.46), ("ellipse", 0.42, -0.22, 0.46, 0.46),
               ("poly", [(-0.86, -0.1), (0.86, -0.1), (0, 1)]), ("poly", [(0, -0.4), (-0.35, -1), (0.35, -1)])],
@@ -191,7 +196,7 @@ class ShapeSource:
             if rot is None:
                 rot = draw_shape(self.classes[cls], canvas).rotate(ANGLES[angle], Image.Resampling.BICUBIC)
                 self._rotated[(cls, angle, canvas)] = rot
-            spr = self._sprites[key] = _make_sprite(rot, box)
+            spr = self._sprites[key] = _make_sprite(_pixels(rot, box))
         return spr
 
 
@@ -236,7 +241,6 @@ class FashionMNISTSource:
         self.classes = list(FASHION_CLASSES)
         self.synonyms = FASHION_SYNONYMS
         self._data: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
-        self._sprites: dict[tuple, Sprite] = {}
 
     def identity(self) -> str:
         return "fashion_mnist-" + "-".join(str(p.stat().st_size) for p in self._files.values())
@@ -253,19 +257,16 @@ class FashionMNISTSource:
         return len(self._split(heldout)[1][cls])
 
     def sprite(self, cls: int, box: int, angle: int, variant: int, heldout: bool) -> Sprite:
-        key = (cls, box, angle, variant, heldout)
-        spr = self._sprites.get(key)
-        if spr is None:
-            images, index = self._split(heldout)
-            pad = round(28 / EXTENT) - 28
-            img = Image.fromarray(np.pad(images[index[cls][variant]], (pad // 2, pad - pad // 2)))
-            img = img.resize((4 * box, 4 * box), Image.Resampling.BILINEAR)
-            img = img.rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BILINEAR)
-            spr = _make_sprite(img, box, rgb_img=img.convert("RGB"), texture=True)
-            if len(self._sprites) > 20000:  # unbounded variants: keep memory bounded
-                self._sprites.clear()
-            self._sprites[key] = spr
-        return spr
+        # Not cached: with 70k garments a sprite is almost never drawn twice.
+        images, index = self._split(heldout)
+        pad = (round(28 / EXTENT) - 28) // 2
+        canvas = np.zeros((28 + 2 * pad,) * 2, np.uint8)  # margin so that the extent matches the shapes'
+        canvas[pad:-pad, pad:-pad] = images[index[cls][variant]]
+        img = Image.fromarray(canvas).rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BILINEAR)
+        grey = _pixels(img, box, Image.Resampling.BILINEAR)
+        # Faint pixels count as solid, so dark garments keep their silhouette; relative brightness shades the
+        # tint, so the colour name stays true for dark and bright garments alike.
+        return _make_sprite(np.clip(grey * 8.0, 0.0, 1.0), shade=0.4 + 0.6 * grey / max(float(grey.max()), 1e-3))
 
 
 # ----------------------------------------------------------------------------- folder of images
@@ -285,7 +286,9 @@ class FolderSource:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise ValueError(f"data.world.sprites=folder:{root}: {self.root} is not a folder (want one subfolder per class)")
+            raise ValueError(
+                f"data.world.sprites=folder:{root}: {self.root} is not a folder (want one subfolder per class)"
+            )
         self._files: list[list[Path]] = []
         self.classes = []
         for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
@@ -295,7 +298,8 @@ class FolderSource:
                 self._files.append(files)
         if not self.classes:
             raise ValueError(
-                f"data.world.sprites=folder:{root}: no class subfolders with images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}"
+                f"data.world.sprites=folder:{root}: no class subfolders with images "
+                f"({', '.join(IMAGE_SUFFIXES)}) in {self.root}"
             )
         self.synonyms = {c: [c] for c in self.classes}
         self._bases: dict[tuple[int, int], Image.Image] = {}
@@ -313,8 +317,8 @@ class FolderSource:
         return len(self._files[cls])
 
     def _base(self, cls: int, variant: int) -> Image.Image:
-        key = (cls, variant)
-        if key not in self._bases:
+        canvas = self._bases.get((cls, variant))
+        if canvas is None:
             path = self._files[cls][variant]
             try:
                 with Image.open(path) as im:
@@ -322,22 +326,21 @@ class FolderSource:
             except OSError as err:
                 raise ValueError(f"data.world.sprites=folder:{self.root}: cannot read image {path}: {err}") from None
             scale = 128 * EXTENT / max(im.size)  # fit the longer side to the sprite extent, up or down
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
+            fitted = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(fitted, Image.Resampling.BICUBIC)
             canvas = Image.new("RGBa", (128, 128), (0, 0, 0, 0))
             canvas.paste(im, ((128 - im.width) // 2, (128 - im.height) // 2))
-            self._bases[key] = canvas
-        return self._bases[key]
+            _put(self._bases, (cls, variant), canvas, 512)
+        return canvas
 
     def sprite(self, cls: int, box: int, angle: int, variant: int, heldout: bool) -> Sprite:
         key = (cls, box, angle, variant)
         spr = self._sprites.get(key)
         if spr is None:
             rot = self._base(cls, variant).rotate(ANGLES[angle] * self.max_angle / 30.0, Image.Resampling.BICUBIC)
-            *rgb, alpha = rot.split()
-            spr = _make_sprite(alpha, box, rgb_img=Image.merge("RGB", rgb))
-            if len(self._sprites) > 20000:
-                self._sprites.clear()
-            self._sprites[key] = spr
+            rgba = _pixels(rot, box)  # premultiplied RGBa
+            spr = _make_sprite(rgba[..., 3], own=rgba[..., :3].transpose(2, 0, 1))
+            _put(self._sprites, key, spr, 4096)
         return spr
 
 

@@ -28,6 +28,7 @@ import textwrap
 import uuid
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,8 @@ SCENE_WORDS = {
     "plain": ["plain", "blank", "solid"], "striped": ["striped", "stripes"], "dotted": ["dotted", "dots", "polka dot"],
     "checkered": ["checkered", "checkerboard", "chessboard"], "gradient": ["gradient", "fading"],
     "grid": ["grid", "graph paper"], "noisy": ["noisy", "grainy", "noise", "speckled"], "wavy": ["wavy", "waves"],
-    "brick": ["brick", "bricks"], "rippled": ["rippled", "ripples", "target"], "marbled": ["marbled", "marble", "blotchy", "mottled"],
+    "brick": ["brick", "bricks"], "rippled": ["rippled", "ripples", "target"],
+    "marbled": ["marbled", "marble", "blotchy", "mottled"],
 }
 SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
 RELATIONS = {
@@ -74,7 +76,8 @@ RELATIONS = {
 THINGS = ["objects", "things", "items"]
 COUNTS = {2: "two", 3: "three"}
 TEMPLATES_1 = ["{a} on {bg}.", "{a} in front of {bg}.", "{bg} with {a}.", "a picture of {a} on {bg}.",
-               "there is {a} on {bg}.", "an image of {a} against {bg}.", "{a}, with {bg} behind it.", "one {a_} on {bg}."]
+               "there is {a} on {bg}.", "an image of {a} against {bg}.", "{a}, with {bg} behind it.",
+               "one {a_} on {bg}."]
 TEMPLATES_2 = ["{a} {rel} {b} on {bg}.", "{bg} with {a} {rel} {b}.", "two {things} on {bg}: {a} and {b}.",
                "{a} and {b} on {bg}.", "on {bg}, {a} is {rel} {b}.", "a picture of {a} and {b} in front of {bg}."]
 TEMPLATES_3 = ["three {things} on {bg}: {a}, {b} and {c}.", "{a}, {b} and {c} on {bg}.",
@@ -107,7 +110,7 @@ class _Recipe:
 
 _PAIRS = _Recipe((1, 3), noisy=True)
 _RECIPES = {  # sets labelled by object or scene class: pretraining (labelled), zero-shot, few-shot
-    ("labelled", "object"): _Recipe((1, 1), "object", (0.15, 0.45), 0),
+    ("labelled", "object"): _Recipe((1, 1), "object", contrast=(0.15, 0.45), captions=0),
     ("labelled", "scene"): _Recipe((0, 2), "scene", captions=0),
     ("eval", "object"): _Recipe((1, 1), "object", captions=0),
     ("eval", "scene"): _Recipe((1, 3), "scene", captions=0),
@@ -117,9 +120,13 @@ _BOX = {1: (0.44, 0.8), 2: (0.42, 0.6), 3: (0.4, 0.5)}  # sprite box / image siz
 
 @dataclass
 class Pairs:
-    """Captioned training images. objects[i]: dicts with name, colour (None: own colours), size, x, y, box."""
+    """Captioned training images.
 
-    images: np.ndarray  # uint8 [N, S, S, 3] (a read-only memmap when loaded from the cache)
+    objects[i]: one dict per object with name (class), colour (None for sources with their own colours),
+    size ("small" | "large" | "" for medium), x, y (top-left of its square sprite box) and box (side, px).
+    """
+
+    images: np.ndarray  # uint8 [N, S, S, 3] (a copy-on-write memmap when loaded from the cache)
     captions: list[str]
     keys: list[str]  # f"world-{world_hash}-{split}-{index:07d}": same config, same keys
     objects: list[list[dict]]
@@ -227,30 +234,51 @@ class World:
         return self._sample(f"pairs/{split}", _PAIRS, index)
 
     def _sample(self, stream: str, recipe: _Recipe, index: int) -> tuple[np.ndarray, dict]:
-        size = self.cfg.image_size
+        # One generator per sample, consumed in a fixed order: layout, then pixels, then captions.
         rng = np.random.default_rng([self.cfg.seed, zlib.crc32(stream.encode()), index])
-        heldout = not stream.startswith(("pairs/", "labelled/"))  # e.g. Fashion-MNIST test images
-        # layout
+        heldout = not stream.startswith(("pairs/", "labelled/"))  # eval streams: e.g. Fashion-MNIST test images
+        scene, objs, sprites = self._layout(rng, recipe, index, heldout)
+        image = self._paint(rng, scene, objs, sprites, rng.uniform(*recipe.contrast))
+        record = {"scene": scene, "objects": objs, "captions": [], "noise": ""}
+        if recipe.noisy and rng.random() < self.cfg.caption_noise:
+            record["noise"], caption = self._corrupt(rng, scene, objs)
+            record["captions"].append(caption)
+        tries = 0
+        while len(record["captions"]) < recipe.captions:  # distinct paraphrases when several are asked for
+            caption = self._caption(rng, scene, objs)
+            tries += 1
+            if caption not in record["captions"] or tries > 4 * recipe.captions:
+                record["captions"].append(caption)
+        return image, record
+
+    def _layout(self, rng: np.random.Generator, recipe: _Recipe, index: int, heldout: bool) -> tuple[int, list, list]:
+        """Scene class, object records (name, colour, size word, box position) and their sprites."""
+        size = self.cfg.image_size
         scene = index % len(SCENES) if recipe.label == "scene" else _below(rng, len(SCENES))
         n = recipe.objects[0] + _below(rng, recipe.objects[1] - recipe.objects[0] + 1)
         lo, hi = _BOX.get(n, _BOX[3])
         objs, sprites = [], []
-        for j in range(n):
-            cls = index % len(self.object_classes) if recipe.label == "object" else _below(rng, len(self.object_classes))
+        for _ in range(n):
+            k = len(self.object_classes)
+            cls = index % k if recipe.label == "object" else _below(rng, k)
             members = self._members[cls]
             s, local = members[_below(rng, len(members))] if len(members) > 1 else members[0]
             src = self.sources[s]
-            box = int(round(size * rng.uniform(lo, hi)))
+            box = round(size * rng.uniform(lo, hi))
             angle = _below(rng, len(ANGLES))
             variant = _below(rng, src.variants(local, heldout))
             colour = _below(rng, len(COLOURS)) if src.tintable else None
             x, y = self._place(rng, box, objs)
             frac = box / size
             objs.append({"name": self.object_classes[cls], "colour": None if colour is None else self.colours[colour],
-                         "size": "small" if frac < 0.5 else "large" if frac >= 0.65 else "", "x": x, "y": y, "box": box})
+                         "size": "small" if frac < 0.5 else "large" if frac >= 0.65 else "",
+                         "x": x, "y": y, "box": box})
             sprites.append((src.sprite(local, box, angle, variant, heldout), colour))
-        # pixels
-        img = self._backdrop.draw(scene, rng, rng.uniform(*recipe.contrast))
+        return scene, objs, sprites
+
+    def _paint(self, rng: np.random.Generator, scene: int, objs: list, sprites: list, contrast: float) -> np.ndarray:
+        """uint8 [S, S, 3]. Works channel-first in float32, where numpy's inner loops run over pixels."""
+        img = self._backdrop.draw(scene, rng, contrast)
         for o, (spr, colour) in zip(objs, sprites):
             region = img[:, o["y"] : o["y"] + o["box"], o["x"] : o["x"] + o["box"]]
             region *= spr.keep
@@ -263,19 +291,7 @@ class World:
                 region += spr.own
             region += spr.edge * outline[:, None, None]
         # every blend above is convex, so values stay in [0, 1]
-        image = (img * np.float32(255.0) + np.float32(0.5)).transpose(1, 2, 0).astype(np.uint8)
-        # captions
-        record = {"scene": scene, "objects": objs, "captions": [], "noise": ""}
-        if recipe.noisy and rng.random() < self.cfg.caption_noise:
-            record["noise"], caption = self._corrupt(rng, scene, objs)
-            record["captions"].append(caption)
-        tries = 0
-        while len(record["captions"]) < recipe.captions:  # distinct paraphrases when several are asked for
-            caption = self._caption(rng, scene, objs)
-            tries += 1
-            if caption not in record["captions"] or tries > 4 * recipe.captions:
-                record["captions"].append(caption)
-        return image, record
+        return (img * np.float32(255.0) + np.float32(0.5)).transpose(1, 2, 0).astype(np.uint8)
 
     def _place(self, rng: np.random.Generator, box: int, objs: list[dict]) -> tuple[int, int]:
         """Top-left corner for a new sprite: the first of 25 random spots where it stays clear of the
@@ -358,7 +374,8 @@ class World:
             return kind, text.format(_below(rng, 10000))
         if kind == "wrong_colour":
             o = coloured[_below(rng, len(coloured))]
-            o["colour"] = self.colours[(self.colours.index(o["colour"]) + 1 + _below(rng, len(self.colours) - 1)) % len(self.colours)]
+            k = len(self.colours)
+            o["colour"] = self.colours[(self.colours.index(o["colour"]) + 1 + _below(rng, k - 1)) % k]
         elif kind == "wrong_object":
             o = objs[_below(rng, len(objs))]
             k = len(self.object_classes)
@@ -374,41 +391,53 @@ class World:
     def _render(self, stream: str, recipe: _Recipe, n: int, tag: str = "") -> tuple[np.ndarray, list[dict]]:
         """n samples of a stream, from the cache when the set is large (rendered into it on a miss)."""
         if n < self.cache_min:
-            return self._render_into(np.empty((n, self.cfg.image_size, self.cfg.image_size, 3), np.uint8), stream, recipe)
+            return self._in_memory(stream, recipe, n)
         base = cache_root(self.cfg) / f"{self.hash}-{(stream + tag).replace('/', '_')}-{n}"
         npy, meta = Path(f"{base}.npy"), Path(f"{base}.json")
         loaded = self._load(npy, meta, stream, recipe, n)
         if loaded is not None:
             return loaded
+        tmp = npy.with_name(f".{npy.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        records: list[dict] = []
         try:
             npy.parent.mkdir(parents=True, exist_ok=True)
-            tmp = npy.with_name(f".{npy.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                               shape=(n, self.cfg.image_size, self.cfg.image_size, 3))
+            with open(tmp, "wb") as f:  # streamed chunk by chunk: memory stays bounded for any n
+                shape = (n, self.cfg.image_size, self.cfg.image_size, 3)
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                f.writelines(chunk.tobytes() for chunk in self._chunks(stream, recipe, n, records))
+            os.replace(tmp, npy)
+            tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+            tmp_meta.write_text(json.dumps({"hash": self.hash, "stream": stream, "n": n, "records": records}))
+            os.replace(tmp_meta, meta)
         except OSError as err:
             warnings.warn(f"world cache {npy.parent} is not writable ({err}); rendering {n} images in memory")
-            return self._render_into(np.empty((n, self.cfg.image_size, self.cfg.image_size, 3), np.uint8), stream, recipe)
-        try:
-            _, records = self._render_into(images, stream, recipe)
-            images.flush()
-            del images
-            os.replace(tmp, npy)
+            return self._in_memory(stream, recipe, n)
         finally:
             tmp.unlink(missing_ok=True)
-        tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        tmp_meta.write_text(json.dumps({"hash": self.hash, "stream": stream, "n": n, "records": records}))
-        os.replace(tmp_meta, meta)
         return np.load(npy, mmap_mode="c"), records
 
-    def _render_into(self, out: np.ndarray, stream: str, recipe: _Recipe) -> tuple[np.ndarray, list[dict]]:
-        records = []
-        show = self.progress and len(out) >= 2000
-        for i in tqdm(range(len(out)), desc=f"rendering world {stream}", unit="img", disable=not show):
-            out[i], record = self._sample(stream, recipe, i)
-            records.append(record)
-        return out, records
+    def _chunks(self, stream: str, recipe: _Recipe, n: int, records: list[dict]) -> Iterator[np.ndarray]:
+        """Render samples 0..n-1 in chunks of uint8 images, appending their records; a progress bar for big sets."""
+        size = self.cfg.image_size
+        with tqdm(total=n, desc=f"rendering world {stream}", unit="img", disable=not self.progress or n < 2000) as bar:
+            for start in range(0, n, 1024):
+                chunk = np.empty((min(1024, n - start), size, size, 3), np.uint8)
+                for i in range(len(chunk)):
+                    chunk[i], record = self._sample(stream, recipe, start + i)
+                    records.append(record)
+                bar.update(len(chunk))
+                yield chunk
 
-    def _load(self, npy: Path, meta: Path, stream: str, recipe: _Recipe, n: int) -> tuple[np.ndarray, list[dict]] | None:
+    def _in_memory(self, stream: str, recipe: _Recipe, n: int) -> tuple[np.ndarray, list[dict]]:
+        images = np.empty((n, self.cfg.image_size, self.cfg.image_size, 3), np.uint8)
+        records: list[dict] = []
+        for chunk in self._chunks(stream, recipe, n, records):
+            images[len(records) - len(chunk) : len(records)] = chunk
+        return images, records
+
+    def _load(
+        self, npy: Path, meta: Path, stream: str, recipe: _Recipe, n: int
+    ) -> tuple[np.ndarray, list[dict]] | None:
         """A cached set, or None when missing, partial, corrupt or stale (then it is rebuilt)."""
         if not (npy.is_file() and meta.is_file()):
             return None

@@ -1,16 +1,18 @@
 """Evaluation: zero-shot classification, image-text retrieval, few-shot probes, 3T/LiT score mixing.
 
-Every metric here is a pure function of embeddings; `suite.py` connects them to models and data.
+Every metric here is a pure function of embeddings; `suite.evaluate` connects them to models and data.
 """
 
 from threetowers.eval.fewshot import DEFAULT_L2, L2_GRID, fewshot_eval, fewshot_ridge, linear_probe, sample_shots
 from threetowers.eval.retrieval import positive_ranks, retrieval_ranks_mixed, retrieval_recall, retrieval_recall_mixed
+from threetowers.eval.suite import evaluate
 from threetowers.eval.zeroshot import class_embeddings, zeroshot_accuracy, zeroshot_accuracy_mixed
 
 __all__ = [
     "DEFAULT_L2",
     "L2_GRID",
     "class_embeddings",
+    "evaluate",
     "fewshot_eval",
     "fewshot_ridge",
     "linear_probe",

@@ -37,7 +37,10 @@ def _check_probe_inputs(train_emb, train_labels, test_emb, test_labels) -> tuple
         if not (e.is_floating_point() and bool(torch.isfinite(e).all())):
             raise ValueError(f"{name}_emb must be floating point and finite (no NaN/inf)")
         if lab.dim() != 1 or lab.shape[0] != e.shape[0]:
-            raise ValueError(f"{name}_labels must be 1-D with one label per row of {name}_emb ({e.shape[0]}), got shape {tuple(lab.shape)}")
+            raise ValueError(
+                f"{name}_labels must be 1-D with one label per row of {name}_emb ({e.shape[0]}), "
+                f"got shape {tuple(lab.shape)}"
+            )
         if lab.is_floating_point() or lab.dtype == torch.bool or int(lab.min()) < 0:
             raise ValueError(f"{name}_labels must be non-negative integers, got dtype {lab.dtype}")
     if x.shape[1] != xt.shape[1]:
@@ -146,7 +149,9 @@ def _inputs_and_labels(split: Any, name: str) -> tuple[Any, Any]:
         return split.images, split.labels
     if isinstance(split, (tuple, list)) and len(split) == 2:
         return split[0], split[1]
-    raise ValueError(f"make_sets must return (train, test), each a LabelledSet or (inputs, labels); {name} is {type(split).__name__}")
+    raise ValueError(
+        f"make_sets must return (train, test), each a LabelledSet or (inputs, labels); {name} is {type(split).__name__}"
+    )
 
 
 def fewshot_eval(

@@ -1,9 +1,10 @@
 """Image-text retrieval Recall@k, exact and chunked, plus the ranking kernel every eval shares.
 
 Scores are (weighted sums of) dot products. With one pair `(image_emb, text_emb, 1.0)` this is
-plain CLIP/LiT retrieval; with `[(f, g, 1 - a), (h, g_h, a)]` it is the 3T/LiT score mixing
-s_a = (1 - a)<f, g> + a<h, g_h> of DESIGN.md. Both use `positive_ranks`, which never holds more
-than `chunk_size` rows of the score matrix.
+plain CLIP/LiT retrieval; with `[(f, g, 1 - a), (h_g(h), g_h, a)]` it is the 3T/LiT score mixing
+s_a = (1 - a)<f, g> + a<h_g(h), g_h> of DESIGN.md. Both use `positive_ranks`, which never holds
+more than `chunk_size` rows of the score matrix. Each direction is its own pass (two matmuls of
+N x M x D): that way every rank compares scores from one row of one matmul, so ties are exact.
 
 Rank and tie rule (pessimistic): for a query whose best-scoring positive has score p,
 
@@ -37,7 +38,9 @@ def check_score_pairs(pairs: Sequence[ScorePair], names: tuple[str, str]) -> lis
         a, b, w = torch.as_tensor(pair[0]), torch.as_tensor(pair[1]), float(pair[2])
         for name, x in zip(names, (a, b)):
             if x.dim() != 2 or x.shape[0] == 0:
-                raise ValueError(f"pair {k}: {name} must be a non-empty 2-D [rows, dim] tensor, got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"pair {k}: {name} must be a non-empty 2-D [rows, dim] tensor, got shape {tuple(x.shape)}"
+                )
             if not (x.is_floating_point() and bool(torch.isfinite(x).all())):
                 raise ValueError(f"pair {k}: {name} must be floating point and finite (no NaN/inf)")
         if a.shape[1] != b.shape[1]:
@@ -78,6 +81,12 @@ def _chunk_scores(pairs: Sequence[ScorePair], start: int, stop: int, out: Tensor
     return out.zero_() if first else out
 
 
+def _count_ones(x: Tensor) -> Tensor:
+    """Row sums of a float 0/1 matrix as int64, exact: blocks of 2**24 columns stay exact in float32."""
+    block = 2**24
+    return sum(x[:, j : j + block].sum(1).long() for j in range(0, x.shape[1], block))
+
+
 def positive_ranks(
     pairs: Sequence[ScorePair], query_labels: Tensor, gallery_labels: Tensor, chunk_size: int = 1024
 ) -> Tensor:
@@ -90,33 +99,33 @@ def positive_ranks(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n_query, n_gallery = pairs[0][0].shape[0], pairs[0][1].shape[0]
-    # Positives of a query are a contiguous run of the gallery sorted by label: find them with
-    # searchsorted instead of materialising a dense [c, G] positive mask.
+    # All (query, gallery) positive pairs, grouped by query: a query's positives are a contiguous
+    # run of the gallery sorted by label, found with searchsorted (no dense [c, G] mask).
     order = torch.argsort(gallery_labels, stable=True)
     sorted_labels = gallery_labels[order].contiguous()
+    lo = torch.searchsorted(sorted_labels, query_labels.contiguous(), side="left")
+    n_pos = torch.searchsorted(sorted_labels, query_labels.contiguous(), side="right") - lo
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(n_pos, 0)])
+    pair_query = torch.repeat_interleave(torch.arange(n_query), n_pos)
+    pair_gallery = order[lo[pair_query] + torch.arange(pair_query.numel()) - offsets[pair_query]]
+
     ranks = torch.empty(n_query, dtype=torch.long)
-    # Two buffers reused by every chunk: fresh 100 MB allocations each chunk cost more in page
-    # faults than the comparisons themselves.
-    rows_max = min(chunk_size, n_query)
-    score_buf = torch.empty(rows_max, n_gallery)
-    ge_buf = torch.empty(rows_max, n_gallery, dtype=torch.bool)
+    # One score buffer reused by every chunk: a fresh 200 MB allocation per chunk costs more in
+    # page faults than the comparisons themselves.
+    score_buf = torch.empty(min(chunk_size, n_query), n_gallery)
     for start in range(0, n_query, chunk_size):
         stop = min(start + chunk_size, n_query)
         s = _chunk_scores(pairs, start, stop, score_buf[: stop - start])
-        labels = query_labels[start:stop].contiguous()
-        lo = torch.searchsorted(sorted_labels, labels, side="left")
-        n_pos = torch.searchsorted(sorted_labels, labels, side="right") - lo
-        rows = torch.repeat_interleave(torch.arange(stop - start), n_pos)
-        first = torch.repeat_interleave(torch.cumsum(n_pos, 0) - n_pos, n_pos)
-        cols = order[lo[rows] + torch.arange(rows.numel()) - first]
+        p0, p1 = int(offsets[start]), int(offsets[stop])
+        rows, cols = pair_query[p0:p1] - start, pair_gallery[p0:p1]
         pos = s[rows, cols]
         best = torch.full((stop - start,), float("-inf")).scatter_reduce_(0, rows, pos, "amax")
-        ge = torch.ge(s, best[:, None], out=ge_buf[: stop - start])
-        at_or_above = ge.sum(1, dtype=torch.int32)  # int32 accumulation: twice as fast as int64
         positives_at_or_above = torch.zeros(stop - start, dtype=torch.long).index_add_(
             0, rows, (pos >= best[rows]).long()
         )
-        ranks[start:stop] = at_or_above - positives_at_or_above
+        # Compare in place (1.0 where s >= best, else 0.0) and sum the floats: a bool mask summed
+        # as integers would allocate an int copy of the whole chunk and take 5x longer.
+        ranks[start:stop] = _count_ones(s.ge_(best[:, None])) - positives_at_or_above
     return ranks
 
 

@@ -47,7 +47,9 @@ def class_embeddings(
             batch = prompts[start : start + batch_size]
             emb = encode_text(tokenize(batch))
             if emb.dim() != 2 or emb.shape[0] != len(batch):
-                raise ValueError(f"encode_text returned shape {tuple(emb.shape)} for {len(batch)} prompts; expected [B, D]")
+                raise ValueError(
+                    f"encode_text returned shape {tuple(emb.shape)} for {len(batch)} prompts; expected [B, D]"
+                )
             chunks.append(F.normalize(emb.float(), dim=-1))
     per_prompt = torch.cat(chunks).view(len(class_names), len(templates), -1)
     return F.normalize(per_prompt.mean(1), dim=-1)

@@ -50,7 +50,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(record, default=str) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for key, value in metrics.items():
@@ -104,6 +104,19 @@ def format_line(step: int, metrics: dict[str, float]) -> str:
         elif key == "train/nonfinite_skipped" and value:
             parts.append(f"skipped {value:.0f}")
     return " | ".join(parts)
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of a run's JSONL log (a torn last line from a kill is ignored)."""
+    path = Path(output_dir) / METRICS_FILE
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def _plain(value):

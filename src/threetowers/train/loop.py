@@ -42,7 +42,7 @@ from .distributed import (
     DistInfo, all_mean, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
     world_size_from_env, wrap_model,
 )
-from .logging import RunLogger
+from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
 
 Evaluate = Callable[[nn.Module, int], dict]
@@ -65,11 +65,31 @@ class Job:
 
 @dataclass
 class TrainResult:
+    """What a run returns. Also readable as a mapping: result["model"], result["eval/heldout_top1"]
+    or result["heldout_top1"] (fields first, then metrics, then `eval/<key>`)."""
+
     output_dir: Path
     model_dir: Path  # the final model (load_model / load_classifier)
     step: int
     metrics: dict[str, Any]  # the last logged training metrics and the last evaluation
-    model: nn.Module = field(repr=False, default=None)  # the trained model, on its device
+    curve: list[dict] = field(default_factory=list, repr=False)  # every logged record of the run (metrics.jsonl)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, on its device, in eval mode
+    tokenizer: Any = field(default=None, repr=False)
+    data_seconds: float = 0.0  # time spent building the data (world, tokenizer, h's embedding cache)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        for name in (key, f"eval/{key}"):
+            if name in self.metrics:
+                return self.metrics[name]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 # ----------------------------------------------------------------------------- setup
@@ -175,10 +195,12 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
             from ..models.third_tower import load_third_tower
 
             third = load_third_tower(cfg.model.third)
+        t0 = time.perf_counter()
         if data is None:
             from ..data.loader import build_train_data
 
             data = build_train_data(cfg, info.rank, info.world_size, third=third)
+        data_seconds = time.perf_counter() - t0
         tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None:
             cfg.model.text.vocab_size = tokenizer.vocab_size
@@ -190,7 +212,9 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
         job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
         if tokenizer is not None:
             on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
-        return run(cfg, job, info, evaluate)
+        result = run(cfg, job, info, evaluate)
+        result.tokenizer, result.data_seconds = tokenizer, data_seconds
+        return result
     finally:
         shutdown(info)
 
@@ -397,7 +421,9 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         on_main(info, write_final)
     finally:
         logger.close()
-    return TrainResult(out, model_dir, max(start, tc.steps), {**last_logged, **last_eval}, model)
+    model.eval()
+    curve = read_metrics(out) if info.is_main else []
+    return TrainResult(out, model_dir, max(start, tc.steps), {**last_logged, **last_eval}, curve, model)
 
 
 def _str_or_none(path: Path | None) -> str | None:

@@ -1,0 +1,108 @@
+"""The evaluation suite: embed each task's data with a model, then apply the pure metrics.
+
+Works with any object that has `encode_image(images01 [B, 3, H, W]) -> [B, D]` and
+`encode_text(tokens [B, L]) -> [B, D]` (ours, or a wrapped model from another library). A 3T model
+that also has `encode_image_third` (h with its head, h_g(h)) and `encode_text_third` (g_h) gets
+the mixing sweep s_a = (1 - a)<f, g> + a<h_g(h), g_h> for every a in `mixing_alphas`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from threetowers.data.sets import CaptionedSet, LabelledSet, as_float
+from threetowers.eval.retrieval import retrieval_recall_mixed
+from threetowers.eval.zeroshot import class_embeddings, zeroshot_accuracy_mixed
+
+
+def _device(model: Any) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _encode(
+    fns: Sequence[Callable[[Tensor], Tensor]], prepare: Callable[[Any], Tensor], items, batch_size: int,
+    device: torch.device, desc: str, progress: bool,
+) -> list[Tensor]:
+    """Run every fn on each prepared batch of `items`; one float32 CPU tensor [N, D_k] per fn."""
+    outs: list[list[Tensor]] = [[] for _ in fns]
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
+        batch = prepare(items[start : start + batch_size]).to(device)
+        for out, fn in zip(outs, fns):
+            out.append(fn(batch).float().cpu())
+    return [torch.cat(o) for o in outs]
+
+
+def _score_pairs(main: tuple[Tensor, Tensor], third: tuple[Tensor, Tensor] | None, alpha: float | None):
+    if alpha is None:
+        return [(main[0], main[1], 1.0)]
+    return [(main[0], main[1], 1.0 - alpha), (third[0], third[1], alpha)]
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Callable[[list[str]], Tensor],
+    tasks: dict[str, LabelledSet | CaptionedSet],
+    batch_size: int = 256,
+    mixing_alphas: Sequence[float] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Zero-shot metrics for each `LabelledSet`, retrieval Recall@k for each `CaptionedSet`.
+
+    Keys: `{task}/top1`, `{task}/top5`, `{task}/mean_per_class_recall`, `{task}/i2t_R@1`, ...;
+    with mixing (model has `encode_image_third` and `encode_text_third`, `mixing_alphas` given)
+    also `{task}/mix@{alpha}/{metric}`. Models without the third-tower methods skip the sweep.
+    An `nn.Module` is put in eval mode for the call and restored afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for name, task in tasks.items():
+        if not isinstance(task, (LabelledSet, CaptionedSet)):
+            raise ValueError(f"task {name!r}: expected a LabelledSet or CaptionedSet, got {type(task).__name__}")
+    mixing = bool(mixing_alphas) and hasattr(model, "encode_image_third") and hasattr(model, "encode_text_third")
+    for a in mixing_alphas or ():
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"mixing_alphas must lie in [0, 1], got {a}")
+    alphas: list[float | None] = [None] + (list(mixing_alphas) if mixing else [])
+    image_fns = [model.encode_image] + ([model.encode_image_third] if mixing else [])
+    text_fns = [model.encode_text] + ([model.encode_text_third] if mixing else [])
+    device = _device(model)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    results: dict[str, float] = {}
+
+    def tokenize_to_device(texts: list[str]) -> Tensor:
+        return tokenizer(texts).to(device)
+
+    try:
+        with torch.no_grad():
+            for name, task in tasks.items():
+                images = _encode(image_fns, as_float, task.images, batch_size, device, f"{name} images", progress)
+                if isinstance(task, LabelledSet):
+                    classes = [
+                        class_embeddings(fn, tokenize_to_device, task.class_names, task.templates, batch_size).cpu()
+                        for fn in text_fns
+                    ]
+                    targets, metric = task.labels, zeroshot_accuracy_mixed
+                else:
+                    classes = _encode(
+                        text_fns, tokenizer, task.captions, batch_size, device, f"{name} captions", progress
+                    )
+                    targets, metric = task.image_of_text, retrieval_recall_mixed
+                for alpha in alphas:
+                    third = (images[1], classes[1]) if alpha is not None else None
+                    scores = metric(_score_pairs((images[0], classes[0]), third, alpha), targets)
+                    prefix = name if alpha is None else f"{name}/mix@{alpha:g}"
+                    results.update({f"{prefix}/{k}": v for k, v in scores.items()})
+    finally:
+        if was_training:
+            model.train()
+    return results
