@@ -116,7 +116,7 @@ def test_loading_a_file_of_the_wrong_kind(tmp_path):
 def test_bad_input_names_what_was_expected():
     model = ThreeTowers(tiny_config("clip"))
     with pytest.raises(ValueError, match=r"images \[B, 3, 16, 16\]"):
-        model.encode_image(torch.rand(2, 3, 20, 20))
+        model.encode_image(torch.rand(2, 1, 16, 16))
     with pytest.raises(ValueError, match="vocab_size"):
         model.encode_text(torch.full((2, 12), 999))
     with pytest.raises(ConfigError, match="model.method"):

@@ -18,11 +18,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..config import Config
 from .features import FeatureCache, build_feature_cache, cache_dir_for
-from .sets import as_float
+from .sets import as_float, resize_batch
 
 
 def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.ndarray:
@@ -35,12 +34,6 @@ def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.n
         sel = epochs == epoch
         out[sel] = perm[positions[sel] % num_rows]
     return out
-
-
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 class ArrayTrainData:

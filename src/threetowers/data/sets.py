@@ -10,11 +10,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def as_float(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images [B, 3, H, W] -> [B, 3, size, size] (antialiased bilinear); a no-op at that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 @dataclass

@@ -40,6 +40,12 @@ def _encode(
     return [torch.cat(o) for o in outs]
 
 
+def encode_images(model: Any, images, batch_size: int = 256) -> Tensor:
+    """`model.encode_image` over uint8 images [N, H, W, 3], batched, as one float32 CPU tensor."""
+    with torch.no_grad():
+        return _encode([model.encode_image], as_float, images, batch_size, _device(model), "images", False)[0]
+
+
 def _score_pairs(main: tuple[Tensor, Tensor], third: tuple[Tensor, Tensor] | None, alpha: float | None):
     if alpha is None:
         return [(main[0], main[1], 1.0)]

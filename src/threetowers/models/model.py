@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import Config, from_dict, to_dict
+from ..data.sets import resize_batch
 from ..losses import TermLoss, method_terms
 from .heads import make_head
 from .third_tower import ThirdTower, load_third_tower
@@ -106,8 +107,11 @@ class ThreeTowers(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] at any size (resized to the tower's) -> L2-normalised embeddings."""
         if self.method == "lit":
             return self.encode_image_third(images)
+        if self.cfg.model.image.kind == "vit":
+            images = resize_batch(images, self.cfg.model.image.image_size)
         return F.normalize(self.proj_image(self.image_tower(images)).float(), dim=-1)
 
     @torch.no_grad()
