@@ -8,7 +8,8 @@ and the global batch is the same whatever the world size (rank r gets rows r*b .
 Run as a script (`python train_helpers.py train tiny ...`, or under torchrun) it is the
 `threetowers` command with this data in place of the real loader, so the tests exercise the real
 CLI, trainer and checkpoints in seconds. Environment knobs for the tests: TT_STEP_DELAY (seconds
-of sleep per batch, to give a killer time), TT_NAN_STEPS (comma-separated steps whose images are NaN).
+of sleep per batch, to give a killer time), TT_NAN_STEPS (comma-separated 0-based steps whose
+images are NaN).
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY  # noqa: E402  (the tiny model sizes shared by all tests)
+
 VOCAB = 64
 EOT = 1
+
+# A tiny model (conftest.TINY) and a run that takes milliseconds per step.
+FAST = TINY + ["train.batch_size=16", "train.log_every=1", "train.progress=false", "train.device=cpu",
+               "train.threads=1", "optim.warmup_steps=2", "data.world.image_size=24"]
 
 
 class FakeTokenizer:
@@ -83,16 +91,6 @@ def install() -> None:
     fake = types.ModuleType("threetowers.data.loader")
     fake.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
     sys.modules["threetowers.data.loader"] = fake
-
-
-# Overrides for a tiny model that trains in milliseconds per step (the synthetic data's sizes).
-TINY = [
-    "model.image.image_size=16", "model.image.patch_size=4", "model.image.width=32", "model.image.depth=1",
-    "model.image.heads=2", "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
-    f"model.text.vocab_size={VOCAB}", "model.text.context_length=8", "model.embed_dim=16",
-    "train.batch_size=16", "train.log_every=1", "train.progress=false", "train.device=cpu", "train.threads=1",
-    "optim.warmup_steps=2",
-]
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
     if source == "world":
         from .world import World
 
-        world = World(cfg.data.world)
-        pairs = world.pairs("train")
+        world = World(cfg.data.world, progress=rank == 0)
+        pairs = rank0_first(lambda: world.pairs("train"))  # rank 0 renders, the others read its cache
         images, captions, keys = pairs.images, pairs.captions, pairs.keys
         ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))
     elif source == "csv":

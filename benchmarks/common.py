@@ -1,0 +1,184 @@
+"""Helpers shared by the benchmark scripts: interleaved timing, peak memory, machine facts, output.
+
+Timing interleaves the contenders (A B C A B C ...) so that slow drifts of a shared machine (other
+processes, thermal limits, turbo) fall on all of them alike, and reports medians, which one
+disturbed round does not move.
+
+Peak memory of a step is measured the same way on both devices: the transient peak of one step
+(what the step allocates above what was allocated just before it: activations, gradients, the
+optimizer's temporaries) plus the resident state the step needs between steps (parameters and
+optimizer state, counted from the tensors). On CUDA the transient part comes from the caching
+allocator's exact counters; on CPU from the kernel's high-water mark of the resident set (VmHWM,
+reset through /proc/self/clear_refs), after glibc has been asked to return freed memory to the
+system (malloc_trim) so that reused free memory does not hide growth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(
+    fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, steps: int, progress: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds of every timed call of each fn: `rounds` rounds, each running every fn `steps` times.
+
+    The order rotates every round so that no contender always runs right after the same other one.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            for _ in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        if progress:
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * times[n][-1]:.0f} ms" for n in names),
+                  flush=True)
+    return times
+
+
+def summary(seconds: list[float], rows_per_call: int) -> dict:
+    med = statistics.median(seconds)
+    return {
+        "median_s": med,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "n": len(seconds),
+        "per_s": rows_per_call / med,
+        "all_s": seconds,
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim_malloc() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def resident_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Parameters plus optimizer state: what stays allocated between two steps (grads are set to None)."""
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return tensor_bytes(params) + tensor_bytes(state)
+
+
+def step_peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Transient peak (MiB) of one call of fn above what was allocated before it; None if unmeasurable."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    _trim_malloc()
+    if not _reset_rss_peak():
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024
+
+
+# ----------------------------------------------------------------------------- machine and output
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
+    """A plain fixed-width table (no extra dependency)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    line = "  ".join("-" * w for w in widths)
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print(line)
