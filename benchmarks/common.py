@@ -37,26 +37,32 @@ def sync(device: torch.device) -> None:
 
 def interleave(
     fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, steps: int, progress: bool = True,
-) -> dict[str, list[float]]:
-    """Seconds of every timed call of each fn: `rounds` rounds, each running every fn `steps` times.
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process-CPU seconds of every timed call of each fn: `rounds` rounds, each running
+    every fn `steps` times. The order rotates every round so that no contender always runs right after
+    the same other one.
 
-    The order rotates every round so that no contender always runs right after the same other one.
+    CPU time is what the process itself spent (all threads): on a machine shared with other work it
+    grows far less than wall time when the process is made to wait, so it shows whether a slow wall
+    time was the contender's own cost.
     """
     names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             for _ in range(steps):
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         if progress:
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * times[n][-1]:.0f} ms" for n in names),
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * wall[n][-1]:.0f} ms" for n in names),
                   flush=True)
-    return times
+    return wall, cpu
 
 
 def summary(seconds: list[float], rows_per_call: int) -> dict:

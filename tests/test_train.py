@@ -85,7 +85,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, method):
     result = train(cfg, third=h, data=SyntheticData(cfg, third=h, fixed=True))
     losses = [r["train/loss"] for r in result.curve]
     assert len(losses) == 25
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert result["model"] is result.model and result.step == 25
 
@@ -158,7 +158,7 @@ def test_the_same_loop_trains_a_classifier_job_and_resumes_it(tmp_path):
 
     def job():
         torch.manual_seed(0)
-        return Job("pretrain", Classifier(), SyntheticData(cfg, labelled=True),
+        return Job("pretrain", Classifier(), SyntheticData(cfg, labelled=True, classes=3),
                    lambda m, d: torch.save(m.state_dict(), d / "weights.pt"),
                    lambda m, d: m.load_state_dict(torch.load(d / "weights.pt", weights_only=True)))
 
@@ -287,3 +287,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     assert sorted(p.name.split("-")[0] for p in root.iterdir() if p.name.startswith("corrupt")) == ["corrupt", "corrupt"]
     with pytest.raises(CheckpointError, match="unusable"):
         ckpt.find_resume(tmp_path, str(next(root.glob("corrupt-step_0000006*"))))
+
+
+def test_pretrain_runs_the_classifier_through_the_same_loop(tmp_path):
+    from threetowers.models.classifier import load_classifier
+    from threetowers.models.third_tower import load_third_tower
+    from threetowers.train.pretrain import pretrain
+
+    out = tmp_path / "pre"
+    result = pretrain("pretrain", ["model.image.image_size=24", "model.image.patch_size=8", "model.image.width=32",
+                                   "model.image.depth=1", "model.image.heads=2", "data.world.image_size=24",
+                                   "pretrain.num_images=64", "pretrain.num_heldout=32", "train.steps=3",
+                                   "train.batch_size=16", "train.progress=false", "train.device=cpu",
+                                   "train.tensorboard=false", f"data.world.cache_dir={tmp_path / 'world'}",
+                                   f"train.output_dir={out}"])
+    assert 0.0 <= result["heldout_top1"] <= 1.0 and "train/acc" in result.metrics and result.step == 3
+    model, meta = load_classifier(out / "model")
+    assert meta["num_classes"] == model.num_classes and len(meta["class_names"]) == model.num_classes
+    h = load_third_tower(load_config(None, ["model.method=lit", "model.third.source=checkpoint",
+                                            f"model.third.path={out / 'model'}"]).model.third)
+    assert h.dim == 32

@@ -146,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`train clip --resume never optim.lr=1e-3`), which a
+    # nargs="*" positional alone does not allow; collect the leftovers that look like key=value.
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

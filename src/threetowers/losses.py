@@ -69,21 +69,23 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss needs two [N, D] batches of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if kind not in ("softmax", "sigmoid"):
         raise ValueError(f"loss kind {kind!r}; expected softmax or sigmoid")
-    a, b = a.float(), b.float()
-    n = a.shape[0]
-    a_all, b_all = gather_with_grad(a), gather_with_grad(b)
-    offset = dist.get_rank() * n if _distributed() else 0
-    labels = torch.arange(n, device=a.device) + offset
-    if kind == "softmax":
-        logits_ab = scale * a @ b_all.T
-        logits_ba = scale * b @ a_all.T
-        return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
-    if bias is None:
+    if kind == "sigmoid" and bias is None:
         raise ValueError("the sigmoid loss needs a bias")
-    logits = scale * a @ b_all.T + bias
-    signs = -torch.ones_like(logits)
-    signs[torch.arange(n, device=a.device), labels] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / n
+    # Autocast would run the logits' matmul in bf16; the loss is meant to be fp32 end to end.
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        n = a.shape[0]
+        a_all, b_all = gather_with_grad(a), gather_with_grad(b)
+        offset = dist.get_rank() * n if _distributed() else 0
+        labels = torch.arange(n, device=a.device) + offset
+        if kind == "softmax":
+            logits_ab = scale * a @ b_all.T
+            logits_ba = scale * b @ a_all.T
+            return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+        logits = scale * a @ b_all.T + bias
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(n, device=a.device), labels] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / n
 
 
 class TermLoss(nn.Module):

@@ -117,14 +117,14 @@ def run_demo(demo: DemoConfig) -> dict:
             _log(f"seed {seed}: training {method}{f' with h={third}' if third else ''} ({cfg.train.steps} steps)")
             t0 = time.perf_counter()
             result = train(cfg)
-            timings["train"] += time.perf_counter() - t0 - result.get("cache_seconds", 0.0)
-            timings["cache"] += result.get("cache_seconds", 0.0)
+            timings["train"] += time.perf_counter() - t0 - result.data_seconds
+            timings["cache"] += result.data_seconds
             t0 = time.perf_counter()
             model, tokenizer = result["model"], result["tokenizer"]
             metrics, mixing = evaluate_run(model, tokenizer, tasks, fewshot_sets, demo)
             timings["eval"] += time.perf_counter() - t0
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
-                         "curve": result.get("curve", []), "mixing": mixing})
+                         "curve": [[r["step"], r["loss"]] for r in result.curve if "loss" in r], "mixing": mixing})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     header = (f"# threetowers demo\n\nCommand: `threetowers demo{'' if demo.base == 'demo/base' else ' ...'}` "
               f"(seeds {list(demo.seeds)}); machine: {machine()}\n")

@@ -31,29 +31,40 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
+        self._ids_checked = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tower expects tokens [B, <= {self.context_length}], got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text tower expects integer token ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}); the tokenizer and model.text.vocab_size differ")
+        # Reading the ids back is a host-device sync; on an accelerator only the first batch pays it
+        # (a vocabulary that does not fit the tokenizer shows there), on the CPU every batch is checked.
+        if tokens.numel() and (tokens.device.type == "cpu" or not self._ids_checked):
+            if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}); the tokenizer and model.text.vocab_size differ")
+            self._ids_checked = True
         n = tokens.shape[1]
         valid = tokens != self.pad_id  # [B, L]; sequences are left-aligned, padding at the end
-        # Keys that are padding are masked; with a causal mask padding sits after every valid query anyway.
-        mask = valid[:, None, None, :].expand(-1, 1, n, n)
         if self.causal:
-            mask = mask & torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
-        # A padding query whose keys are all masked would give NaN; let every query see itself.
-        mask = mask | torch.eye(n, dtype=torch.bool, device=tokens.device)
+            # With padding only at the end, a valid query's causal window holds only valid keys: the
+            # causal mask alone is exact for every position that is pooled, and needs no mask tensor.
+            # (Padding queries see earlier tokens; their outputs are never pooled.)
+            mask = None
+        else:
+            # Padding keys are masked, as a [B, 1, 1, L] mask that SDPA broadcasts. Key 0 stays visible
+            # so that an all-padding row has a key to attend to instead of giving NaN.
+            keys = valid.clone()
+            keys[:, 0] = True
+            mask = keys[:, None, None, :]
         x = self.token_embed(tokens) + self.pos_embed[:, :n]
         for block in self.blocks:
-            x = block(x, mask)
-        x = self.norm(x)
+            x = block(x, mask, self.causal)
         if self.pool == "eot":
-            # The end-of-text token is the last valid token of each sequence.
+            # The end-of-text token is the last valid token of each sequence. The final LayerNorm acts
+            # on each token alone, so normalising only the pooled tokens gives the same result.
             last = valid.sum(dim=1).clamp(min=1) - 1
-            return x[torch.arange(x.shape[0], device=x.device), last]
+            return self.norm(x[torch.arange(x.shape[0], device=x.device), last])
+        x = self.norm(x)
         weights = valid.unsqueeze(-1).to(x.dtype)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1)

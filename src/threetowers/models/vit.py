@@ -46,5 +46,6 @@ class VisionTransformer(nn.Module):
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        return x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        if self.pool == "cls":
+            return self.norm(x[:, 0])  # LayerNorm is per token: normalising only the pooled one is the same
+        return self.norm(x).mean(dim=1)

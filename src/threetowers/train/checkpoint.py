@@ -62,7 +62,10 @@ def check_writable(directory: str | Path, need_bytes: int = 0) -> None:
         raise OutputDirError(f"train.output_dir={str(directory)!r} is not writable ({_describe(err)}); "
                              "choose another train.output_dir") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # the directory itself is the problem, reported above
     free = shutil.disk_usage(directory).free
     if need_bytes and free < need_bytes:
         raise OutputDirError(f"train.output_dir={str(directory)!r} has {_size(free)} free, but the run's "
@@ -228,7 +231,12 @@ def save_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], N
 
 def set_aside(path: Path, why: str, report: Callable[[str], None] = _report) -> Path:
     """Move a checkpoint out of the way (never delete what might be wanted), saying why."""
-    target = path.parent / f"{why}-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.parent / f"{why}-{path.name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.parent / f"{why}-{path.name}-{stamp}-{n}"
     os.replace(path, target)
     report(f"moved {path} to {target.name} ({why})")
     return target

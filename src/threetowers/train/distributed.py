@@ -8,6 +8,7 @@ process. gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,10 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+    # torch >= 2.14 renamed broadcast_buffers (per-forward buffer sync) to forward_sync_buffers.
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **no_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -34,8 +34,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides events a killed run wrote past the checkpoint we resume from.
-            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+            # purge_step hides events a killed run wrote past the checkpoint we resume from
+            # (or, starting over, everything an earlier run in this directory wrote).
+            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not progress, smoothing=0.1)
 
@@ -81,7 +82,7 @@ class RunLogger:
 def format_line(step: int, metrics: dict[str, float]) -> str:
     """`step 100 | loss 2.3012 | image~text 2.3012 | scale 10.3 | lr 1.0e-03 | 812 samples/s | data 4%`."""
     parts = [f"step {step}"]
-    for key, value in metrics.items():
+    for key, value in sorted(metrics.items(), key=lambda kv: not kv[0].startswith("train/loss")):
         if not isinstance(value, (int, float)):
             continue
         short = key.split("/", 1)[-1]

@@ -21,13 +21,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -108,21 +110,29 @@ def resolve_config(cfg_or_preset: Config | str | Path, overrides: list[str] | di
     return load_config(None, OmegaConf.to_container(merged), world_size=world_size)
 
 
-def setup_runtime(cfg: Config, info: DistInfo) -> None:
-    """Threads, seeds and numerics of this process."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed = cfg.train.seed + info.rank
-    import random
+@contextmanager
+def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
+    """Threads, seeds and numerics of this process for the run; threads and TF32 are restored after.
 
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if info.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    CPU kernels are deterministic for a fixed thread count, which is what exact resume on CPU
+    rests on (resume with the same train.threads). On CUDA, TF32 matmuls and non-deterministic
+    kernels make a resumed run close to, not bit-identical with, an uninterrupted one.
+    """
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed = cfg.train.seed + info.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
@@ -189,30 +199,29 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
     cfg = resolve_config(cfg_or_preset, overrides)
     info = init_distributed(cfg.train.device)
     try:
-        setup_runtime(cfg, info)
-        on_main(info, lambda: check_writable(cfg.train.output_dir))
-        if third is None and cfg.model.method != "clip":
-            from ..models.third_tower import load_third_tower
+        with runtime(cfg, info):
+            on_main(info, lambda: check_writable(cfg.train.output_dir))
+            if third is None and cfg.model.method != "clip":
+                from ..models.third_tower import load_third_tower
 
-            third = load_third_tower(cfg.model.third)
-        t0 = time.perf_counter()
-        if data is None:
-            from ..data.loader import build_train_data
+                third = load_third_tower(cfg.model.third)
+            t0 = time.perf_counter()
+            if data is None:
+                from ..data.loader import build_train_data
 
-            data = build_train_data(cfg, info.rank, info.world_size, third=third)
-        data_seconds = time.perf_counter() - t0
-        tokenizer = getattr(data, "tokenizer", None)
-        if tokenizer is not None:
-            cfg.model.text.vocab_size = tokenizer.vocab_size
-        from ..models.model import ThreeTowers
+                data = build_train_data(cfg, info.rank, info.world_size, third=third)
+            data_seconds = time.perf_counter() - t0
+            tokenizer = getattr(data, "tokenizer", None)
+            if tokenizer is not None:
+                cfg.model.text.vocab_size = tokenizer.vocab_size
+                on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
+            from ..models.model import ThreeTowers
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-            model = ThreeTowers(cfg, third=third)
-        job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
-        if tokenizer is not None:
-            on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
-        result = run(cfg, job, info, evaluate)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+                model = ThreeTowers(cfg, third=third)
+            job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
+            result = run(cfg, job, info, evaluate)
         result.tokenizer, result.data_seconds = tokenizer, data_seconds
         return result
     finally:
@@ -469,7 +478,8 @@ def _check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[
         diff = _diff(saved.get("model", {}), now["model"], "model.")
         raise CheckpointError(f"the checkpoint was trained with another model config ({'; '.join(diff[:5])}); "
                               "use the same model settings, or another train.output_dir / train.resume=never")
-    other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")]
+    other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
+             if not d.startswith("train.resume:")]
     if other:
         report(f"note: settings changed since the checkpoint: {'; '.join(other[:8])}")
     if state.get("world_size", info.world_size) != info.world_size:

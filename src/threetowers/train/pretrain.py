@@ -18,7 +18,7 @@ from ..config import Config
 from ..data.sets import LabelledSet, as_float
 from .checkpoint import check_writable
 from .distributed import init_distributed, shutdown
-from .loop import Job, TrainResult, on_main, resolve_config, run, setup_runtime
+from .loop import Job, TrainResult, on_main, resolve_config, run, runtime
 
 
 def labelled_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
@@ -105,24 +105,26 @@ def pretrain(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | N
     cfg = resolve_config(cfg_or_preset, overrides)
     info = init_distributed(cfg.train.device)
     try:
-        setup_runtime(cfg, info)
-        on_main(info, lambda: check_writable(cfg.train.output_dir))
-        t0 = time.perf_counter()
-        train_set, heldout = labelled_sets(cfg)
-        size = cfg.model.image.image_size
-        data = labelled_train_data(train_set, cfg, info.rank, info.world_size, image_size=size)
-        data_seconds = time.perf_counter() - t0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            model = Classifier(cfg.model.image, len(train_set.class_names))
-        names = list(train_set.class_names)
+        with runtime(cfg, info):
+            on_main(info, lambda: check_writable(cfg.train.output_dir))
+            t0 = time.perf_counter()
+            train_set, heldout = labelled_sets(cfg)
+            size = cfg.model.image.image_size
+            data = labelled_train_data(train_set, cfg, info.rank, info.world_size, image_size=size)
+            data_seconds = time.perf_counter() - t0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                model = Classifier(cfg.model.image, len(train_set.class_names))
+            names = list(train_set.class_names)
 
-        def load_weights(m: nn.Module, directory: Path) -> None:
-            m.load_state_dict(load_classifier(directory)[0].state_dict())
+            def load_weights(m: nn.Module, directory: Path) -> None:
+                m.load_state_dict(load_classifier(directory)[0].state_dict())
 
-        job = Job("pretrain", model, data, lambda m, d: save_classifier(m, d, names), load_weights)
-        evaluate = lambda m, step: {"heldout_top1": heldout_top1(m, heldout, size, cfg.eval.batch_size)}  # noqa: E731
-        result = run(cfg, job, info, evaluate)
+            def evaluate(m: nn.Module, step: int) -> dict:
+                return {"heldout_top1": heldout_top1(m, heldout, size, cfg.eval.batch_size)}
+
+            job = Job("pretrain", model, data, lambda m, d: save_classifier(m, d, names), load_weights)
+            result = run(cfg, job, info, evaluate)
         result.data_seconds = data_seconds
         if info.is_main:
             print(f"held-out top-1: {100 * result['heldout_top1']:.1f}% ({len(heldout.labels)} images, "

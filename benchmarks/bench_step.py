@@ -1,0 +1,358 @@
+"""Training-step throughput and peak memory: this project against open_clip, and CLIP vs LiT vs 3T.
+
+    python benchmarks/bench_step.py                         # CPU preset, ~3-4 min on 2 cores
+    python benchmarks/bench_step.py --quick                 # smaller batch, fewer rounds (~1 min)
+    python benchmarks/bench_step.py --preset gpu --out gpu_step.json   # ViT-B/16-like, bf16, CUDA
+    python benchmarks/bench_step.py --preset gpu --compile  # both sides under torch.compile
+
+A step is what a trainer does per batch: forward under autocast (bf16) or in fp32, the contrastive
+loss in fp32, backward, AdamW step, zero_grad(set_to_none=True). Both libraries get the same
+batch (already on the device), the same precision and the same optimizer (this project's
+`build_optimizer`: AdamW, weight decay on matrices only; the fused kernel on CUDA). Gradient
+clipping, data loading and logging are left out on both sides.
+
+Contenders (all interleaved, A B C ... A B C ..., medians over the timed steps):
+  ours/clip, open_clip/clip       identical shapes; for each precision of the preset
+  ours/3t cached, ours/lit cached h's embeddings precomputed (batch["third"], float16 as the cache stores them)
+  ours/3t online, ours/lit online h (a frozen ViT of f's shape) runs every step
+  open_clip/lit locked            `lock_image_tower()`: the frozen tower runs every step
+
+Matching the architectures: our ViT uses the class token (`pool=cls`) like open_clip's default
+`pool_type=tok`, and open_clip is built with `no_ln_pre=True` since our ViT has no LayerNorm
+before the blocks. What remains different is printed with the parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleave, machine, print_table, resident_bytes, step_peak_mib, summary, MIB  # noqa: E402
+
+from threetowers.config import load_config  # noqa: E402
+from threetowers.models.model import ThreeTowers, write_json_atomic  # noqa: E402
+from threetowers.models.third_tower import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
+from threetowers.models.vit import VisionTransformer  # noqa: E402
+from threetowers.train.optim import build_optimizer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shapes:
+    image_size: int
+    patch_size: int
+    vit_width: int
+    vit_depth: int
+    vit_heads: int
+    text_width: int
+    text_depth: int
+    text_heads: int
+    context_length: int
+    vocab_size: int
+    embed_dim: int
+    mlp_ratio: float
+    batch: int
+
+
+PRESETS = {
+    "cpu": dict(
+        shapes=Shapes(32, 4, 192, 6, 3, 256, 4, 4, 32, 4096, 128, 4.0, 256),
+        quick_batch=64, device="cpu", precisions=("fp32", "bf16"), threads=2, rounds=5, steps=1, quick_rounds=3,
+    ),
+    "gpu": dict(
+        shapes=Shapes(224, 16, 768, 12, 12, 512, 12, 8, 77, 49408, 512, 4.0, 256),
+        quick_batch=256, device="cuda", precisions=("bf16",), threads=0, rounds=5, steps=5, quick_rounds=3,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_batch(s: Shapes, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Images in [0, 1]; tokens left-aligned with random lengths, eot = the largest id (open_clip's
+    argmax pooling and our last-valid-token pooling then pick the same position), padding 0."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(s.batch, 3, s.image_size, s.image_size, generator=g)
+    lengths = torch.randint(4, s.context_length + 1, (s.batch,), generator=g)
+    tokens = torch.randint(1, s.vocab_size - 1, (s.batch, s.context_length), generator=g)
+    pos = torch.arange(s.context_length)
+    tokens[pos >= lengths[:, None]] = 0
+    tokens[torch.arange(s.batch), lengths - 1] = s.vocab_size - 1
+    third = torch.randn(s.batch, s.vit_width, generator=g).to(torch.float16)
+    return {"image": images.to(device), "tokens": tokens.to(device), "third": third.to(device)}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def our_config(s: Shapes, method: str):
+    o = [
+        f"model.method={method}", f"model.embed_dim={s.embed_dim}", "model.image.pool=cls",
+        f"model.image.image_size={s.image_size}", f"model.image.patch_size={s.patch_size}",
+        f"model.image.width={s.vit_width}", f"model.image.depth={s.vit_depth}", f"model.image.heads={s.vit_heads}",
+        f"model.image.mlp_ratio={s.mlp_ratio}", f"model.text.vocab_size={s.vocab_size}",
+        f"model.text.context_length={s.context_length}", f"model.text.width={s.text_width}",
+        f"model.text.depth={s.text_depth}", f"model.text.heads={s.text_heads}", f"model.text.mlp_ratio={s.mlp_ratio}",
+    ]
+    if method != "clip":
+        o.append("model.third.source=checkpoint")  # h is passed in built (online) or described (cached)
+    return load_config(None, o)
+
+
+def frozen_vit(s: Shapes) -> ThirdTower:
+    """A realistic h: a ViT with f's shape, frozen (random weights cost the same as trained ones)."""
+    vit = VisionTransformer(s.image_size, s.patch_size, s.vit_width, s.vit_depth, s.vit_heads, s.mlp_ratio, "cls")
+    return ThirdTower(FrozenImageModel(vit, s.vit_width, Preprocessing(s.image_size), "bench-h"))
+
+
+def build_ours(s: Shapes, method: str, third: str | None) -> ThreeTowers:
+    cfg = our_config(s, method)
+    if third == "online":
+        return ThreeTowers(cfg, third=frozen_vit(s))
+    if third == "cached":
+        return ThreeTowers(cfg, third_info={"name": "bench-h", "dim": s.vit_width, "fingerprint": ""})
+    return ThreeTowers(cfg)
+
+
+def build_open_clip(s: Shapes, locked: bool = False) -> nn.Module:
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(
+        layers=s.vit_depth, width=s.vit_width, head_width=s.vit_width // s.vit_heads, mlp_ratio=s.mlp_ratio,
+        patch_size=s.patch_size, image_size=s.image_size, no_ln_pre=True, pool_type="tok",
+    )
+    text = CLIPTextCfg(
+        context_length=s.context_length, vocab_size=s.vocab_size, width=s.text_width, heads=s.text_heads,
+        layers=s.text_depth, mlp_ratio=s.mlp_ratio,
+    )
+    model = CLIP(s.embed_dim, vision_cfg=vision, text_cfg=text)
+    if locked:
+        model.lock_image_tower()
+    return model
+
+
+def open_clip_loss() -> Callable:
+    from open_clip.loss import ClipLoss
+
+    loss = ClipLoss()
+
+    def forward_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        image, text, scale = model(batch["image"], batch["tokens"])
+        with torch.autocast(batch["image"].device.type, enabled=False):  # the loss in fp32, as ours
+            return loss(image.float(), text.float(), scale.float())
+
+    return forward_loss
+
+
+def our_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch)["loss"]  # the term loss runs in fp32 inside (autocast disabled there)
+
+
+@dataclass
+class Contender:
+    name: str
+    precision: str
+    step: Callable[[], None]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: int
+    trainable: int
+
+
+def contender(name: str, model: nn.Module, forward_loss: Callable, batch: dict, precision: str,
+              device: torch.device, cfg_optim, compile_: bool) -> Contender:
+    """`batch` is what this contender's step sees (without "third", h runs online)."""
+    model = model.to(device).train()
+    optimizer = build_optimizer(model, cfg_optim, device)  # the same AdamW settings for every contender
+    run_model = torch.compile(model) if compile_ else model
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = forward_loss(run_model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Contender(name, precision, step, model, optimizer, params, trainable)
+
+
+def build_contenders(s: Shapes, precisions: tuple[str, ...], device: torch.device, compile_: bool,
+                     item2_precision: str, only: set[str] | None) -> list[Contender]:
+    cfg_optim = our_config(s, "clip").optim
+    batch = make_batch(s, device)
+    oc_loss = open_clip_loss()
+    out = []
+
+    online = {k: v for k, v in batch.items() if k != "third"}
+
+    def add(name: str, precision: str, build: Callable[[], nn.Module], forward_loss: Callable) -> None:
+        full = f"{name} {precision}"
+        if only and not any(o in full for o in only):
+            return
+        torch.manual_seed(0)
+        inputs = batch if "cached" in name else online
+        out.append(contender(full, build(), forward_loss, inputs, precision, device, cfg_optim, compile_))
+
+    for p in precisions:
+        add("ours/clip", p, lambda: build_ours(s, "clip", None), our_loss)
+        add("open_clip/clip", p, lambda: build_open_clip(s), oc_loss)
+    p = item2_precision
+    add("ours/3t cached", p, lambda: build_ours(s, "3t", "cached"), our_loss)
+    add("ours/lit cached", p, lambda: build_ours(s, "lit", "cached"), our_loss)
+    add("ours/3t online", p, lambda: build_ours(s, "3t", "online"), our_loss)
+    add("ours/lit online", p, lambda: build_ours(s, "lit", "online"), our_loss)
+    add("open_clip/lit locked", p, lambda: build_open_clip(s, locked=True), oc_loss)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def ratios(results: dict, precisions: tuple[str, ...], p2: str) -> dict:
+    """Throughput ratios (>1 = the first is faster) and step-time ratios where the target is stated so."""
+    def t(name):
+        r = results.get(name)
+        return r["median_s"] if r else None
+
+    out = {}
+    for p in precisions:
+        if t(f"ours/clip {p}") and t(f"open_clip/clip {p}"):
+            out[f"clip {p}: ours/open_clip throughput (target >= 1.0, aim 1.2)"] = t(f"open_clip/clip {p}") / t(f"ours/clip {p}")
+    clip = t(f"ours/clip {p2}")
+    if clip:
+        if t(f"ours/3t cached {p2}"):
+            out[f"{p2}: 3t cached / clip step time (target <= 1.10)"] = t(f"ours/3t cached {p2}") / clip
+        if t(f"ours/lit cached {p2}"):
+            out[f"{p2}: lit cached speed-up over clip (target >= 2.5)"] = clip / t(f"ours/lit cached {p2}")
+        if t(f"ours/3t online {p2}"):
+            out[f"{p2}: 3t online / clip step time"] = t(f"ours/3t online {p2}") / clip
+        if t(f"ours/lit online {p2}"):
+            out[f"{p2}: lit online speed-up over clip"] = clip / t(f"ours/lit online {p2}")
+    locked = t(f"open_clip/lit locked {p2}")
+    if locked:
+        for name in ("lit cached", "lit online", "3t cached"):
+            if t(f"ours/{name} {p2}"):
+                out[f"{p2}: ours/{name} over open_clip/lit locked (throughput)"] = locked / t(f"ours/{name} {p2}")
+    return out
+
+
+def param_notes(s: Shapes) -> list[str]:
+    ours, oc = build_ours(s, "clip", None), build_open_clip(s)
+    n_ours, n_oc = (sum(p.numel() for p in m.parameters()) for m in (ours, oc))
+    lit_ours = build_ours(s, "lit", "cached")
+    lit_oc = build_open_clip(s, locked=True)
+    t_ours, t_oc = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (lit_ours, lit_oc))
+    return [
+        f"CLIP parameters: ours {n_ours:,}, open_clip {n_oc:,} (difference {n_ours - n_oc:+,}: our patch "
+        f"embedding has a bias of width {s.vit_width}; open_clip's conv has none)",
+        f"LiT trainable parameters: ours {t_ours:,}, open_clip {t_oc:,} (difference {t_ours - t_oc:+,}: our g_h "
+        f"maps text width {s.text_width} to h's dim {s.vit_width}, open_clip's text projection to embed_dim "
+        f"{s.embed_dim}; open_clip's image projection is frozen with the tower)",
+        "Same otherwise: pre-norm blocks (LayerNorm, fused qkv with bias, GELU MLP with biases), class-token "
+        "pooling with a final LayerNorm, no LayerNorm before the ViT blocks, causal text attention, "
+        "end-of-text pooling, bias-free projections, one learned temperature per term.",
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="smaller batch on CPU and fewer rounds")
+    ap.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    ap.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the preset's)")
+    ap.add_argument("--item2-precision", default="", help="precision of the LiT/3T comparison (default: bf16)")
+    ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per contender per round")
+    ap.add_argument("--threads", type=int, default=-1, help="torch threads (default: the preset's; 0 = torch's)")
+    ap.add_argument("--only", default="", help="comma-separated substrings of contender names to run")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    device = torch.device(preset["device"])
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--preset gpu needs a CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    threads = preset["threads"] if args.threads < 0 else args.threads
+    if threads:
+        torch.set_num_threads(threads)
+    s: Shapes = preset["shapes"]
+    if args.quick:
+        s = replace(s, batch=preset["quick_batch"])
+    if args.batch:
+        s = replace(s, batch=args.batch)
+    precisions = tuple(args.precisions.split(",")) if args.precisions else preset["precisions"]
+    p2 = args.item2_precision or "bf16"
+    rounds = args.rounds or (preset["quick_rounds"] if args.quick else preset["rounds"])
+    steps = args.steps or preset["steps"]
+    only = set(args.only.split(",")) if args.only else None
+
+    notes = param_notes(s)
+    print(f"preset {args.preset}: {asdict(s)}; {device}, threads {torch.get_num_threads()}, "
+          f"{rounds} rounds x {steps} step(s), compile={args.compile}")
+    for n in notes:
+        print("  " + n)
+    contenders = build_contenders(s, precisions, device, args.compile, p2, only)
+
+    results = {}
+    print("warm-up and peak memory, one contender at a time")
+    for c in contenders:
+        c.step()  # first step: lazy inits, optimizer state, compilation
+        peak = step_peak_mib(c.step, device)
+        state = resident_bytes(list(c.model.parameters()), c.optimizer) / MIB
+        results[c.name] = {"precision": c.precision, "params": c.params, "trainable": c.trainable,
+                           "state_mib": state, "step_peak_mib": peak,
+                           "peak_mib": None if peak is None else state + peak}
+        print(f"  {c.name}: peak {results[c.name]['peak_mib'] or float('nan'):.0f} MiB", flush=True)
+
+    print(f"timing: {rounds} interleaved rounds")
+    times = interleave({c.name: c.step for c in contenders}, device, rounds, steps)
+    for c in contenders:
+        results[c.name].update(summary(times[c.name], s.batch))
+        results[c.name]["pairs_per_s"] = results[c.name].pop("per_s")
+
+    ref = {p: results.get(f"ours/clip {p}", {}).get("median_s") for p in precisions + (p2,)}
+    rows = []
+    for name, r in results.items():
+        base = ref.get(r["precision"])
+        rows.append([name, f"{1e3 * r['median_s']:.0f}", f"{r['pairs_per_s']:.1f}",
+                     f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
+                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M"])
+    print_table(["contender", "step ms (median)", "pairs/s", "speed vs ours/clip", "peak MiB", "trainable / all"],
+                rows, title=f"batch {s.batch}, {device}, median of {rounds * steps} interleaved steps")
+    rat = ratios(results, precisions, p2)
+    print()
+    for k, v in rat.items():
+        print(f"  {k}: {v:.2f}")
+    report = {
+        "benchmark": "bench_step", "preset": args.preset, "quick": args.quick, "compile": args.compile,
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "shapes": asdict(s), "rounds": rounds, "steps_per_round": steps, "machine": machine(device),
+        "optimizer": type(contenders[0].optimizer).__name__ + " " + str(
+            {k: v for k, v in contenders[0].optimizer.defaults.items() if k in ("foreach", "fused", "betas", "eps")}),
+        "notes": notes, "results": results, "ratios": rat,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, report)
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

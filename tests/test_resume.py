@@ -1,0 +1,116 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one;
+explicit, never and auto resume; a checkpoint of another model is refused; the real CLI and loader."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from threetowers.config import load_config
+from threetowers.train.checkpoint import CheckpointError, list_checkpoints
+from threetowers.train.loop import train
+from train_helpers import FAST, SyntheticData
+
+HELPER = Path(__file__).with_name("train_helpers.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    """`threetowers train tiny ...` on the synthetic data (tests/train_helpers.py is the CLI with it)."""
+    return [sys.executable, str(HELPER), "train", "tiny", *FAST, f"train.output_dir={out}", "train.steps=12",
+            "train.checkpoint_every=3", "train.keep_checkpoints=10", *extra]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # The uninterrupted run and the run to be killed go side by side; the latter sleeps per batch
+    # (not a numerical change) so that the kill lands mid-run, after its first checkpoint.
+    a = subprocess.Popen(command(full), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    b = subprocess.Popen(command(killed), env={**ENV, "TT_STEP_DELAY": "0.15"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((killed / "checkpoints").glob("step_*/manifest.json")):
+        assert b.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    b.send_signal(signal.SIGKILL)
+    assert b.wait() == -signal.SIGKILL
+    assert not (killed / "model").exists()
+    done_before = max(s for s, _ in list_checkpoints(killed))
+    assert done_before < 12
+    out, _ = a.communicate(timeout=120)
+    assert a.returncode == 0, out
+
+    resumed = subprocess.run(command(killed), env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout and f"at step {done_before}" in resumed.stdout
+
+    assert_identical(weights(full / "model"), weights(killed / "model"))
+    state_a = torch.load(full / "checkpoints/step_0000012/train_state.pt", weights_only=True)
+    state_b = torch.load(killed / "checkpoints/step_0000012/train_state.pt", weights_only=True)
+    for key, value in state_a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(value[name], state_b["optimizer"]["state"][key][name])
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # each step logged once, whatever the killed run had written
+
+
+def test_explicit_resume_from_an_older_checkpoint_is_exact_and_sets_newer_ones_aside(tmp_path):
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.steps=6", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=5", "train.tensorboard=false"]
+    cfg = load_config("tiny", FAST + overrides)
+    first = train(cfg, data=SyntheticData(cfg))
+    reference = {k: v.clone() for k, v in first.model.state_dict().items()}
+    older = tmp_path / "run" / "checkpoints" / "step_0000002"
+    cfg = load_config("tiny", FAST + overrides + [f"train.resume={older}"])
+    again = train(cfg, data=SyntheticData(cfg))
+    assert_identical(reference, again.model.state_dict())
+    aside = sorted(p.name.split("-")[1] for p in (tmp_path / "run" / "checkpoints").glob("superseded-*"))
+    assert aside == ["step_0000004", "step_0000006"]
+
+    # resume=never starts over (same seed, same result) and sets the old timeline aside, never deletes it
+    cfg = load_config("tiny", FAST + overrides + ["train.resume=never", "train.steps=2"])
+    fresh = train(cfg, data=SyntheticData(cfg))
+    assert fresh.step == 2 and len(list((tmp_path / "run" / "checkpoints").glob("superseded-*"))) == 5
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    overrides = FAST + [f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "train.tensorboard=false"]
+    cfg = load_config("tiny", overrides)
+    train(cfg, data=SyntheticData(cfg))
+    cfg = load_config("tiny", overrides + ["train.steps=4", "model.embed_dim=8"])
+    with pytest.raises(CheckpointError, match=r"another model config \(model.embed_dim: 16 -> 8\)"):
+        train(cfg, data=SyntheticData(cfg))
+
+
+def test_cli_with_the_real_loader_trains_and_resumes(tmp_path):
+    pytest.importorskip("threetowers.data.world")
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "threetowers", "train", "tiny", f"train.output_dir={out}", "train.device=cpu",
+            "train.progress=false", "data.world.num_pairs=64", "train.checkpoint_every=2", "train.log_every=1",
+            "train.threads=1",
+            f"data.world.cache_dir={tmp_path / 'world'}"]
+    first = subprocess.run(base + ["train.steps=2"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = subprocess.run(base + ["train.steps=4"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "at step 2" in second.stdout and "model:" in second.stdout
+    assert (out / "model" / "tokenizer.json").exists() and (out / "checkpoints" / "step_0000004").exists()
+    vocab = json.loads((out / "model" / "model.json").read_text())["config"]["model"]["text"]["vocab_size"]
+    assert vocab <= 300
