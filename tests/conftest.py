@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per test worker: `pytest -n 2` on 2 cores would otherwise oversubscribe them.
+torch.set_num_threads(1)
 
 from threetowers.config import load_config  # noqa: E402
 from threetowers.models.third_tower import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
