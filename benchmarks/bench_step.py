@@ -273,16 +273,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     ap.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the preset's)")
     ap.add_argument("--item2-precision", default="", help="precision of the LiT/3T comparison (default: bf16)")
-    ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of undisturbed steps wanted (default: the preset's)")
+    ap.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default: 3x --rounds)")
+    ap.add_argument("--busy-limit", type=float, default=0.25,
+                    help="drop a step during which other processes used more than this many cores")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per contender per round")
     ap.add_argument("--threads", type=int, default=-1, help="torch threads (default: the preset's; 0 = torch's)")
     ap.add_argument("--only", default="", help="comma-separated substrings of contender names to run")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model")
+    ap.add_argument("--device", default="", help="override the preset's device (e.g. try the gpu shapes on cpu)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
     preset = PRESETS[args.preset]
-    device = torch.device(preset["device"])
+    device = torch.device(args.device or preset["device"])
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--preset gpu needs a CUDA device")
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     print("warm-up and peak memory, one contender at a time")
     for c in contenders:
-        c.step()  # first step: lazy inits, optimizer state, compilation
+        for _ in range(2 if args.compile else 1):  # lazy inits, optimizer state, compilation (and a recompile)
+            c.step()
         peak = step_peak_mib(c.step, device)
         state = resident_bytes(list(c.model.parameters()), c.optimizer) / MIB
         results[c.name] = {"precision": c.precision, "params": c.params, "trainable": c.trainable,
@@ -320,8 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "peak_mib": None if peak is None else state + peak}
         print(f"  {c.name}: peak {results[c.name]['peak_mib'] or float('nan'):.0f} MiB", flush=True)
 
-    print(f"timing: {rounds} interleaved rounds")
-    times = interleave({c.name: c.step for c in contenders}, device, rounds, steps)
+    print(f"timing: interleaved rounds until {rounds * steps} undisturbed steps each (* = another process "
+          f"used > {args.busy_limit} cores meanwhile; dropped)")
+    times = interleave({c.name: c.step for c in contenders}, device, rounds, steps,
+                       max_rounds=args.max_rounds or 3 * rounds, busy_limit=args.busy_limit)
     for c in contenders:
         results[c.name].update(summary(times[c.name], s.batch))
         results[c.name]["pairs_per_s"] = results[c.name].pop("per_s")
@@ -330,11 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, r in results.items():
         base = ref.get(r["precision"])
-        rows.append([name, f"{1e3 * r['median_s']:.0f}", f"{r['pairs_per_s']:.1f}",
+        rows.append([name, f"{1e3 * r['median_s']:.0f}", f"{1e3 * r['min_s']:.0f}", f"{r['pairs_per_s']:.1f}",
                      f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
-                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M"])
-    print_table(["contender", "step ms (median)", "pairs/s", "speed vs ours/clip", "peak MiB", "trainable / all"],
-                rows, title=f"batch {s.batch}, {device}, median of {rounds * steps} interleaved steps")
+                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M", f"{r['n']} ({r['n_disturbed_dropped']})"])
+    print_table(["contender", "step ms (median)", "min", "pairs/s", "speed vs ours/clip", "peak MiB",
+                 "trainable / all", "steps (dropped)"],
+                rows, title=f"batch {s.batch}, {device}, medians over interleaved undisturbed steps")
     rat = ratios(results, precisions, p2)
     print()
     for k, v in rat.items():

@@ -35,45 +35,86 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _busy_ticks() -> tuple[int, int] | None:
+    """(CPU ticks all processes spent busy, ticks this process spent), from /proc; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # user..steal; utime + stime
+
+
+def other_load(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float | None:
+    """Cores' worth of CPU that *other* processes (and the hypervisor's steal) used over `seconds`."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / hz / seconds)
+
+
 def interleave(
     fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, steps: int, progress: bool = True,
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process-CPU seconds of every timed call of each fn: `rounds` rounds, each running
-    every fn `steps` times. The order rotates every round so that no contender always runs right after
-    the same other one.
+    max_rounds: int | None = None, busy_limit: float = 0.25,
+) -> dict[str, dict[str, list[float]]]:
+    """Time every fn, interleaved: each round runs every fn `steps` times, in an order that rotates
+    every round so that no contender always runs right after the same other one.
 
-    CPU time is what the process itself spent (all threads): on a machine shared with other work it
-    grows far less than wall time when the process is made to wait, so it shows whether a slow wall
-    time was the contender's own cost.
+    On a machine shared with other work a step can take several times longer because another
+    process held a core. Each timed call therefore also records how many cores' worth of CPU other
+    processes used meanwhile (from /proc); a call during which they used more than `busy_limit`
+    cores is marked disturbed, and rounds continue (up to `max_rounds`) until every fn has
+    `rounds * steps` undisturbed calls. Returns, per fn: `wall` and `cpu` (process CPU seconds)
+    of every call, and `disturbed` flags.
     """
     names = list(fns)
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
+    out = {n: {"wall": [], "cpu": [], "other_load": [], "disturbed": []} for n in names}
+    want = rounds * steps
+    max_rounds = max(rounds, max_rounds or rounds)
+    for r in range(max_rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             for _ in range(steps):
                 sync(device)
+                b0 = _busy_ticks()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
                 sync(device)
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+                wall = time.perf_counter() - t0
+                load = other_load(b0, _busy_ticks(), wall)
+                rec = out[name]
+                rec["wall"].append(wall)
+                rec["cpu"].append(time.process_time() - c0)
+                rec["other_load"].append(load)
+                rec["disturbed"].append(load is not None and load > busy_limit)
+        clean = {n: out[n]["disturbed"].count(False) for n in names}
         if progress:
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * wall[n][-1]:.0f} ms" for n in names),
-                  flush=True)
-    return wall, cpu
+            print(f"  round {r + 1}: " + ", ".join(
+                f"{n} {1e3 * out[n]['wall'][-1]:.0f} ms{'*' if out[n]['disturbed'][-1] else ''}" for n in names),
+                flush=True)
+        if r + 1 >= rounds and min(clean.values()) >= want:
+            break
+    return out
 
 
-def summary(seconds: list[float], rows_per_call: int) -> dict:
-    med = statistics.median(seconds)
+def summary(record: dict[str, list], rows_per_call: int) -> dict:
+    """Medians over the undisturbed calls (over all calls when there are none), and what was dropped."""
+    keep = [i for i, d in enumerate(record["disturbed"]) if not d] or list(range(len(record["wall"])))
+    wall = [record["wall"][i] for i in keep]
+    cpu = [record["cpu"][i] for i in keep]
+    med = statistics.median(wall)
     return {
         "median_s": med,
-        "min_s": min(seconds),
-        "max_s": max(seconds),
-        "n": len(seconds),
+        "min_s": min(wall),
+        "cpu_median_s": statistics.median(cpu),
         "per_s": rows_per_call / med,
-        "all_s": seconds,
+        "n": len(wall),
+        "n_disturbed_dropped": len(record["wall"]) - len(wall) if len(keep) < len(record["wall"]) else 0,
+        "all_wall_s": record["wall"],
+        "all_other_load": record["other_load"],
     }
 
 

@@ -22,10 +22,13 @@ CLIP, LiT and Three Towers (3T) from one code path; runs are configs (YAML prese
 
 EPILOG = """\
 examples:
+  threetowers demo                                # the main job: CLIP vs LiT vs 3T, with a report
   threetowers train tiny                          # a seconds-long smoke run
   threetowers pretrain pretrain                   # train a classifier to serve as h
   threetowers train 3t                            # Three Towers with that h
-  threetowers train clip --help                   # options of one subcommand
+  threetowers eval runs/3t/model                  # zero-shot, retrieval, few-shot, mixing
+  threetowers world show world.png                # look at the embedded benchmark
+  threetowers train --help                        # options of one subcommand
   torchrun --nproc_per_node=4 -m threetowers train 3t   # 4 processes with DDP
 
 presets: clip, lit, 3t, tiny, pretrain (or a path to your own YAML file; it may list
@@ -128,8 +131,145 @@ def _print_result(result) -> None:
         print(f"  {key}: {value:.4f}")
 
 
+def add_world(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("world", help="look at the embedded benchmark: write a PNG grid of samples",
+                       description="Render samples of the embedded world (data.world.*) into a PNG grid with their "
+                                   "captions (noisy captions in red) or labels.",
+                       epilog="examples:\n  threetowers world show world.png\n"
+                              "  threetowers world show objects.png --what object -n 24 data.world.image_size=64\n"
+                              "  threetowers world show fm.png data.world.sprites=shapes,fashion_mnist",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["show"], help="show: write a PNG grid")
+    p.add_argument("output", metavar="OUT.png")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.world.seed=3")
+    p.add_argument("--what", choices=["pairs", "object", "scene"], default="pairs",
+                   help="captioned pairs, or the object-/scene-labelled pretraining sets")
+    p.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
+    p.set_defaults(func=cmd_world)
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from .data.world import World
+
+    cfg = load_config(None, list(args.overrides))
+    World(cfg.data.world).show(args.output, n=args.n, what=args.what)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="compute the frozen third tower's embeddings of a run's training data once",
+                       description="Run h (model.third) once over the training data of CONFIG and store its "
+                                   "pre-logits under data.cache_dir, with a manifest of h's and the data's identity. "
+                                   "`train` does this by itself when needed; this command does it ahead of time. "
+                                   "An interrupted build resumes.",
+                       epilog="examples:\n  threetowers cache 3t\n"
+                              "  threetowers cache lit model.third.source=efficientnet_lite0 model.third.input_size=96",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .data.loader import build_train_data
+    from .models.third_tower import load_third_tower
+
+    cfg = config_from_args(args)
+    if cfg.model.method == "clip":
+        raise ConfigError("model.method=clip has no third tower to cache; use a lit or 3t config")
+    if cfg.data.third_embeddings != "cache":
+        raise ConfigError("data.third_embeddings=online runs h during training; set it to cache to build a cache")
+    third = load_third_tower(cfg.model.third)
+    data = build_train_data(cfg, third=third)
+    cache = data.third_cache
+    print(f"{len(cache)} embeddings of {third.name} ({third.dim}-d) in {cache.directory}")
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained model: zero-shot, retrieval, few-shot, 3T/LiT mixing",
+                       description="Evaluate a saved model (a run's model/ or a checkpoints/step_N/ directory) on "
+                                   "eval.tasks; print a table and write JSON.",
+                       epilog="examples:\n  threetowers eval runs/3t/model\n"
+                              "  threetowers eval runs/clip/model --tasks zeroshot_object retrieval\n"
+                              "  threetowers eval runs/3t/model --tasks zeroshot:/data/my_classes retrieval:/data/val.csv\n"
+                              "  threetowers eval runs/3t/model eval.mixing_alphas=[0,0.5,1] --out scores.json\n\n"
+                              "Metrics: top1/top5/mean_per_class_recall (zero-shot), i2t_R@k and t2i_R@k "
+                              "(retrieval), Nshot (few-shot ridge probe); see the README for exact definitions.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.num_images=2000")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: the model's eval.tasks)")
+    p.add_argument("--out", metavar="JSON", help="where to write the results (default MODEL_DIR/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.tokenizer import Tokenizer
+    from .eval.tasks import build_tasks, run_tasks
+    from .models.model import load_model, read_model_meta
+
+    directory = Path(args.model)
+    meta = read_model_meta(directory)
+    base = meta["config"]
+    cfg = load_config(None, _merge_overrides(base, args.overrides) if args.overrides else base)
+    tokenizer_path = directory / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json; the model cannot encode text without it")
+    # h is needed for LiT (it is the image side) and for the 3T mixing sweep.
+    model = load_model(directory, with_third=cfg.model.method == "lit" or bool(cfg.eval.mixing_alphas)
+                       and cfg.model.method == "3t")
+    tokenizer = Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)
+    results = run_tasks(model, tokenizer, build_tasks(cfg, args.tasks), cfg.eval.batch_size, cfg.eval.mixing_alphas)
+    width = max(len(k) for k in results) if results else 0
+    for key, value in results.items():
+        print(f"{key:<{width}}  {100 * value:6.2f}")
+    out = Path(args.out) if args.out else directory / "eval.json"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _merge_overrides(base: dict, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(overrides)))
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: CLIP vs LiT vs 3T on the embedded world, with a report",
+                       description="Render the world, pretrain object- and scene-aligned third towers (and load "
+                                   "EfficientNet-Lite0 when installed), cache their embeddings, train CLIP once and "
+                                   "LiT and 3T per third tower over several seeds, evaluate everything, and write "
+                                   "results.md, results.json and plots to the output directory.",
+                       epilog="examples:\n  threetowers demo                       # the full run (~20 min on 2 cores)\n"
+                              "  threetowers demo --quick               # a first look (~3 min)\n"
+                              "  threetowers demo output_dir=ablation overrides=[model.third.heads=per_term]\n"
+                              "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="demo settings (see src/threetowers/configs/demo/full.yaml and experiments/demo.py)")
+    p.add_argument("--quick", action="store_true", help="a small budget, one seed (demo/quick preset)")
+    p.add_argument("--preset", default=None, help="a demo preset name or YAML file (default demo/full)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments.demo import load_demo_config, run_demo
+
+    preset = args.preset or ("demo/quick" if args.quick else "demo/full")
+    run_demo(load_demo_config(preset, list(args.overrides)))
+    return 0
+
+
 # Subcommands in the order `--help` lists them; a new one is an `add_<name>` function added here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_pretrain]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_demo, add_train, add_pretrain, add_eval, add_cache, add_world]
 
 
 def build_parser() -> argparse.ArgumentParser:

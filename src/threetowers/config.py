@@ -160,9 +160,17 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N steps during training; 0 = only at the end
-    tasks: list[str] = field(default_factory=lambda: ["zeroshot_object", "zeroshot_scene", "retrieval"])
-    num_images: int = 1000
+    # World tasks: zeroshot_object, zeroshot_scene, retrieval, fewshot_object, fewshot_scene; your own
+    # data: zeroshot:FOLDER (one subfolder per class) and retrieval:CSV (image path + caption columns).
+    tasks: list[str] = field(default_factory=lambda: [
+        "zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene"])
+    num_images: int = 1000  # images per zero-shot task and few-shot test set
+    retrieval_images: int = 500  # held-out world images for retrieval (captions_per_image each)
+    captions_per_image: int = 5
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fewshot_seeds: list[int] = field(default_factory=lambda: [0, 1])
     batch_size: int = 256
+    # 3T only: also score with s_a = (1 - a)<f, g> + a<h_g(h), g_h> for each a (an evaluation option).
     mixing_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
 

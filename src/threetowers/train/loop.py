@@ -192,7 +192,8 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
 
     `evaluate(model, step) -> {name: value}` runs on rank 0 every `eval.every` steps and at the end,
     on the unwrapped model in eval mode under no_grad; its results are logged as `eval/<name>`. The
-    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. `third` (a built h)
+    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call; by default it is the
+    suite over `eval.tasks` (threetowers.eval.tasks.trainer_hook). `third` (a built h)
     and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`) replace the
     ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
     """
@@ -208,8 +209,10 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
             t0 = time.perf_counter()
             if data is None:
                 from ..data.loader import build_train_data
+                from ..eval.tasks import trainer_hook
 
                 data = build_train_data(cfg, info.rank, info.world_size, third=third)
+                evaluate = evaluate or trainer_hook(cfg)
             data_seconds = time.perf_counter() - t0
             tokenizer = getattr(data, "tokenizer", None)
             if tokenizer is not None:

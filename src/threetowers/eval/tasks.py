@@ -1,0 +1,144 @@
+"""Evaluation tasks are data: names in `eval.tasks` -> sets, and one call that runs them all.
+
+World tasks come from the embedded benchmark's held-out seeds; `zeroshot:FOLDER` and
+`retrieval:CSV` bring a user's own labelled folder or captioned CSV through the same code.
+The same `run_tasks` serves `threetowers eval`, the trainer's periodic hook and the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data.sets import CaptionedSet, LabelledSet
+from .fewshot import fewshot_ridge
+from .suite import encode_images, evaluate
+
+WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene")
+
+
+@dataclass
+class FewShotTask:
+    """Ridge probes on frozen image embeddings: (shots, seed) -> (train set, test set)."""
+
+    splits: dict[tuple[int, int], tuple[LabelledSet, LabelledSet]]
+
+
+Task = LabelledSet | CaptionedSet | FewShotTask
+
+
+def build_tasks(cfg: Config, names: list[str] | None = None) -> dict[str, Task]:
+    names = list(cfg.eval.tasks if names is None else names)
+    e = cfg.eval
+    tasks: dict[str, Task] = {}
+    world = None
+    for name in names:
+        if name in WORLD_TASKS:
+            if world is None:
+                from ..data.world import World
+
+                world = World(cfg.data.world, progress=False)
+            kind = name.split("_", 1)[-1]
+            if name.startswith("zeroshot"):
+                tasks[name] = world.zeroshot(kind, e.num_images)
+            elif name == "retrieval":
+                tasks[name] = world.retrieval(e.retrieval_images, e.captions_per_image)
+            else:
+                tasks[name] = FewShotTask({(s, seed): world.fewshot(kind, s, e.num_images, seed)
+                                           for s in e.fewshot_shots for seed in e.fewshot_seeds})
+        elif name.startswith("zeroshot:"):
+            tasks[name] = folder_task(name.split(":", 1)[1], cfg.model.image.image_size, e.num_images)
+        elif name.startswith("retrieval:"):
+            tasks[name] = csv_task(cfg, name.split(":", 1)[1])
+        else:
+            raise ValueError(f"eval.tasks: unknown task {name!r}; choose from {', '.join(WORLD_TASKS)}, "
+                             "zeroshot:FOLDER, retrieval:CSV")
+    return tasks
+
+
+def folder_task(root: str, image_size: int, max_images: int) -> LabelledSet:
+    """Zero-shot classification over a folder with one subfolder per class (names = subfolder names)."""
+    from ..data.transforms import decode_rgb, image_transform
+
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"eval task zeroshot:{root}: {root} is not a folder of class subfolders")
+    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root_path / name).iterdir()) if f.is_file()]
+    if not files:
+        raise ValueError(f"eval task zeroshot:{root}: no images in its subfolders")
+    rng = np.random.default_rng(0)
+    files = [files[i] for i in sorted(rng.permutation(len(files))[:max_images])]
+    to_tensor = image_transform(image_size)
+    images, labels = [], []
+    for path, label in files:
+        try:
+            images.append(to_tensor(decode_rgb(path)))
+        except Exception:  # unreadable images are skipped, as in training data
+            continue
+        labels.append(label)
+    arr = (torch.stack(images).permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    return LabelledSet(arr, np.array(labels), [c.replace("_", " ") for c in classes],
+                       ["a photo of a {}.", "a picture of a {}.", "an image of the {}."])
+
+
+def csv_task(cfg: Config, path: str) -> CaptionedSet:
+    """Retrieval over a captioned CSV; rows sharing an image path are that image's several captions."""
+    from ..data.pairs import load_csv_arrays
+
+    data_cfg = type(cfg.data)(**{**vars(cfg.data), "source": "csv", "path": path, "augment": False})
+    images, captions, keys = load_csv_arrays(data_cfg, cfg.model.image.image_size, progress=False)
+    first: dict[bytes, int] = {}
+    owner = []
+    kept = []
+    for i in range(len(captions)):
+        digest = images[i].tobytes()
+        if digest not in first:
+            first[digest] = len(kept)
+            kept.append(i)
+        owner.append(first[digest])
+    return CaptionedSet(images[kept], list(captions), np.array(owner, dtype=np.int64))
+
+
+def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int = 256,
+              mixing_alphas: list[float] | None = None) -> dict[str, float]:
+    """All metrics as {task/metric: value}; mixing (3T models only) as {task/mix@a/metric: value}."""
+    plain = {n: t for n, t in tasks.items() if not isinstance(t, FewShotTask)}
+    alphas = mixing_alphas if getattr(model, "has_third_pair", False) else None
+    results = evaluate(model, tokenizer, plain, batch_size, alphas) if plain else {}
+    for name, task in tasks.items():
+        if not isinstance(task, FewShotTask):
+            continue
+        by_shots: dict[int, list[float]] = {}
+        for (shots, _seed), (train_set, test_set) in task.splits.items():
+            by_shots.setdefault(shots, []).append(fewshot_ridge(
+                encode_images(model, train_set.images, batch_size), torch.as_tensor(train_set.labels),
+                encode_images(model, test_set.images, batch_size), torch.as_tensor(test_set.labels)))
+        for shots, accs in by_shots.items():
+            results[f"{name}/{shots}shot"] = float(np.mean(accs))
+    return results
+
+
+def trainer_hook(cfg: Config) -> Callable[[Any, int], dict] | None:
+    """The trainer's periodic evaluation: `eval.tasks` on the run's tokenizer (None without tasks)."""
+    names = [n for n in cfg.eval.tasks if cfg.data.source == "world" or n not in WORLD_TASKS]
+    if not names:
+        return None  # world tasks only make sense for models trained on the world
+    state: dict[str, Any] = {}
+
+    def hook(model: Any, step: int) -> dict:
+        if not state:
+            from ..data.tokenizer import Tokenizer
+
+            state["tasks"] = build_tasks(cfg, names)
+            state["tokenizer"] = Tokenizer.from_file(Path(cfg.train.output_dir) / "tokenizer.json",
+                                                     cfg.model.text.context_length)
+        with torch.autocast("cpu", enabled=False):
+            return run_tasks(model, state["tokenizer"], state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
+
+    return hook
