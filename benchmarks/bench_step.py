@@ -158,6 +158,43 @@ def our_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch)["loss"]  # the term loss runs in fp32 inside (autocast disabled there)
 
 
+def load_baseline(src: str) -> dict:
+    """Towers and loss of another checkout's `src` (e.g. `git worktree add /tmp/before <commit>`), loaded
+    under private module names so that both versions run side by side in this process."""
+    import importlib.util
+    import types
+
+    models = Path(src) / "threetowers" / "models"
+    if not (models / "blocks.py").is_file():
+        raise SystemExit(f"--baseline-src {src}: no threetowers/models/blocks.py there")
+    pkg = types.ModuleType("_baseline_models")
+    pkg.__path__ = [str(models)]
+    sys.modules[pkg.__name__] = pkg
+    loaded = {}
+    for name, path in (("blocks", models / "blocks.py"), ("vit", models / "vit.py"), ("text", models / "text.py"),
+                       ("losses", models.parent / "losses.py")):
+        spec = importlib.util.spec_from_file_location(f"_baseline_models.{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    return loaded
+
+
+def build_baseline(s: Shapes, base: dict) -> ThreeTowers:
+    """Our CLIP with the baseline's towers and term loss swapped in (same weights, same heads)."""
+    model = build_ours(s, "clip", None)
+    vit = base["vit"].VisionTransformer(s.image_size, s.patch_size, s.vit_width, s.vit_depth, s.vit_heads,
+                                        s.mlp_ratio, "cls")
+    text = base["text"].TextTransformer(s.vocab_size, s.context_length, s.text_width, s.text_depth, s.text_heads,
+                                        s.mlp_ratio)
+    loss = base["losses"].TermLoss(base["losses"].method_terms("clip"))
+    for new, old in ((vit, model.image_tower), (text, model.text_tower), (loss, model.loss)):
+        new.load_state_dict(old.state_dict())
+    model.image_tower, model.text_tower, model.loss = vit, text, loss
+    return model
+
+
 @dataclass
 class Contender:
     name: str
@@ -189,7 +226,7 @@ def contender(name: str, model: nn.Module, forward_loss: Callable, batch: dict, 
 
 
 def build_contenders(s: Shapes, precisions: tuple[str, ...], device: torch.device, compile_: bool,
-                     item2_precision: str, only: set[str] | None) -> list[Contender]:
+                     item2_precision: str, only: set[str] | None, baseline: dict | None = None) -> list[Contender]:
     cfg_optim = our_config(s, "clip").optim
     batch = make_batch(s, device)
     oc_loss = open_clip_loss()
@@ -208,6 +245,8 @@ def build_contenders(s: Shapes, precisions: tuple[str, ...], device: torch.devic
     for p in precisions:
         add("ours/clip", p, lambda: build_ours(s, "clip", None), our_loss)
         add("open_clip/clip", p, lambda: build_open_clip(s), oc_loss)
+        if baseline:
+            add("before/clip", p, lambda: build_baseline(s, baseline), our_loss)
     p = item2_precision
     add("ours/3t cached", p, lambda: build_ours(s, "3t", "cached"), our_loss)
     add("ours/lit cached", p, lambda: build_ours(s, "lit", "cached"), our_loss)
@@ -228,6 +267,8 @@ def ratios(results: dict, precisions: tuple[str, ...], p2: str) -> dict:
 
     out = {}
     for p in precisions:
+        if t(f"ours/clip {p}") and t(f"before/clip {p}"):
+            out[f"clip {p}: speed-up over --baseline-src"] = t(f"before/clip {p}") / t(f"ours/clip {p}")
         if t(f"ours/clip {p}") and t(f"open_clip/clip {p}"):
             out[f"clip {p}: ours/open_clip throughput (target >= 1.0, aim 1.2)"] = t(f"open_clip/clip {p}") / t(f"ours/clip {p}")
     clip = t(f"ours/clip {p2}")
@@ -274,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the preset's)")
     ap.add_argument("--item2-precision", default="", help="precision of the LiT/3T comparison (default: bf16)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds of undisturbed steps wanted (default: the preset's)")
-    ap.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default: 3x --rounds)")
+    ap.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default: 2x --rounds)")
     ap.add_argument("--busy-limit", type=float, default=0.25,
                     help="drop a step during which other processes used more than this many cores")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per contender per round")
@@ -282,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help="comma-separated substrings of contender names to run")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model")
     ap.add_argument("--device", default="", help="override the preset's device (e.g. try the gpu shapes on cpu)")
+    ap.add_argument("--baseline-src", default="",
+                    help="another checkout's src/ (e.g. a git worktree of an older commit): adds 'before/clip' "
+                         "contenders running its towers and loss, to measure a change interleaved")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -311,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{rounds} rounds x {steps} step(s), compile={args.compile}")
     for n in notes:
         print("  " + n)
-    contenders = build_contenders(s, precisions, device, args.compile, p2, only)
+    baseline = load_baseline(args.baseline_src) if args.baseline_src else None
+    contenders = build_contenders(s, precisions, device, args.compile, p2, only, baseline)
 
     results = {}
     print("warm-up and peak memory, one contender at a time")
@@ -328,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"timing: interleaved rounds until {rounds * steps} undisturbed steps each (* = another process "
           f"used > {args.busy_limit} cores meanwhile; dropped)")
     times = interleave({c.name: c.step for c in contenders}, device, rounds, steps,
-                       max_rounds=args.max_rounds or 3 * rounds, busy_limit=args.busy_limit)
+                       max_rounds=args.max_rounds or 2 * rounds, busy_limit=args.busy_limit)
     for c in contenders:
         results[c.name].update(summary(times[c.name], s.batch))
         results[c.name]["pairs_per_s"] = results[c.name].pop("per_s")
@@ -339,10 +384,12 @@ def main(argv: list[str] | None = None) -> dict:
         base = ref.get(r["precision"])
         rows.append([name, f"{1e3 * r['median_s']:.0f}", f"{1e3 * r['min_s']:.0f}", f"{r['pairs_per_s']:.1f}",
                      f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
-                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M", f"{r['n']} ({r['n_disturbed_dropped']})"])
+                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M", f"{r['n']} ({r['n_disturbed']})" + (" !" if r["all_disturbed"] else "")])
     print_table(["contender", "step ms (median)", "min", "pairs/s", "speed vs ours/clip", "peak MiB",
-                 "trainable / all", "steps (dropped)"],
+                 "trainable / all", "steps (disturbed)"],
                 rows, title=f"batch {s.batch}, {device}, medians over interleaved undisturbed steps")
+    if any(r["all_disturbed"] for r in results.values()):
+        print("  ! every step of this contender was disturbed by other processes; its median includes them")
     rat = ratios(results, precisions, p2)
     print()
     for k, v in rat.items():

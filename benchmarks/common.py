@@ -102,7 +102,8 @@ def interleave(
 
 def summary(record: dict[str, list], rows_per_call: int) -> dict:
     """Medians over the undisturbed calls (over all calls when there are none), and what was dropped."""
-    keep = [i for i, d in enumerate(record["disturbed"]) if not d] or list(range(len(record["wall"])))
+    clean = [i for i, d in enumerate(record["disturbed"]) if not d]
+    keep = clean or list(range(len(record["wall"])))
     wall = [record["wall"][i] for i in keep]
     cpu = [record["cpu"][i] for i in keep]
     med = statistics.median(wall)
@@ -112,7 +113,8 @@ def summary(record: dict[str, list], rows_per_call: int) -> dict:
         "cpu_median_s": statistics.median(cpu),
         "per_s": rows_per_call / med,
         "n": len(wall),
-        "n_disturbed_dropped": len(record["wall"]) - len(wall) if len(keep) < len(record["wall"]) else 0,
+        "n_disturbed": len(record["wall"]) - len(clean),
+        "all_disturbed": not clean,  # then the medians include disturbed steps: treat them with care
         "all_wall_s": record["wall"],
         "all_other_load": record["other_load"],
     }

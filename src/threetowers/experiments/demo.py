@@ -124,7 +124,7 @@ def run_demo(demo: DemoConfig) -> dict:
             metrics, mixing = evaluate_run(model, tokenizer, tasks, fewshot_sets, demo)
             timings["eval"] += time.perf_counter() - t0
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
-                         "curve": [[r["step"], r["loss"]] for r in result.curve if "loss" in r], "mixing": mixing})
+                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     header = (f"# threetowers demo\n\nCommand: `threetowers demo{'' if demo.base == 'demo/base' else ' ...'}` "
               f"(seeds {list(demo.seeds)}); machine: {machine()}\n")

@@ -19,8 +19,6 @@ COLUMNS = [
     ("zeroshot_scene/top1", "ZS scene top-1"),
     ("retrieval/i2t_R@1", "I→T R@1"),
     ("retrieval/t2i_R@1", "T→I R@1"),
-    ("fewshot_object/10shot", "10-shot object"),
-    ("fewshot_scene/10shot", "10-shot scene"),
 ]
 RETRIEVAL = ("retrieval/i2t_R@1", "retrieval/t2i_R@1")
 
@@ -48,8 +46,19 @@ def _fmt(stat: tuple[float, float, int] | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+def columns(agg: dict) -> list[tuple[str, str]]:
+    """The headline columns, plus few-shot at the largest number of shots that was run."""
+    names = {m for metrics in agg.values() for m in metrics}
+    cols = [c for c in COLUMNS if c[0] in names]
+    for kind in ("object", "scene"):
+        shots = sorted(int(m.split("/")[1][:-4]) for m in names if m.startswith(f"fewshot_{kind}/"))
+        if shots:
+            cols.append((f"fewshot_{kind}/{shots[-1]}shot", f"{shots[-1]}-shot {kind}"))
+    return cols
+
+
 def table(agg: dict, order: list[str]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in agg[lab] for lab in order)]
+    cols = columns(agg)
     lines = ["| model | " + " | ".join(title for _, title in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for lab in order:
         lines.append(f"| {lab} | " + " | ".join(_fmt(agg[lab].get(key)) for key, _ in cols) + " |")
@@ -133,7 +142,7 @@ def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> 
     import matplotlib.pyplot as plt
 
     written = []
-    cols = [c for c in COLUMNS if any(c[0] in agg[lab] for lab in order)]
+    cols = columns(agg)
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
     colours = {"CLIP": "#777777"}
     for ax, (key, title) in zip(axes[0], cols):
