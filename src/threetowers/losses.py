@@ -105,13 +105,14 @@ class TermLoss(nn.Module):
 
     def forward(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scales = self.scales()
-        total = torch.zeros((), device=self.log_scale.device)
-        parts = {}
+        weighted, parts = [], {}
         for i, term in enumerate(self.terms):
             j = i if len(scales) > 1 else 0
             bias = self.bias[j].float() if self.bias is not None else None
             loss = contrastive_loss(emb[term.a], emb[term.b], scales[j], bias, self.kind)
             parts[f"loss/{term.name}"] = loss.detach()
             parts[f"scale/{term.name}"] = scales[j].detach()
-            total = total + term.weight * loss
-        return total, parts
+            weighted.append(term.weight * loss)
+        # One stack-and-sum rather than a running `total = total + ...`: the same sum, but under
+        # torch.compile (2.14) the running form returned a total without grad_fn beside the detached parts.
+        return torch.stack(weighted).sum(), parts

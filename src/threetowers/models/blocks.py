@@ -1,4 +1,10 @@
-"""The transformer block shared by the image and text towers (pre-norm, SDPA attention)."""
+"""The transformer block shared by the image and text towers (pre-norm, SDPA attention).
+
+A tower that pools one token per sequence (the class token, the end-of-text token) can run its last
+block for that token alone (`rows`): keys and values still come from every token, but the query,
+the output projection and the MLP run on one token per sequence instead of all of them. The pooled
+output is the same; the last block costs about a sixth of a full one.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +20,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, W] -> [B, N, W], or [B, 1, W] for the query tokens `rows` [B] (one per sequence).
+
+        `mask`: boolean, broadcastable to [B, H, N, N] (True = may attend); with `rows` it must be a
+        key mask ([B, 1, 1, N] or None).
+        """
         b, n, w = x.shape
-        # Split q, k, v along the "3" axis and hand SDPA strided [B, H, N, d] views: its backward then
-        # stacks dq, dk, dv straight into qkv's [B, N, 3, H, d] layout, without a permute-and-copy.
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.heads, w // self.heads).unbind(2))
-        # `mask`: boolean, broadcastable to [B, H, N, N] (True = may attend); SDPA cannot take both it
-        # and is_causal, and is_causal (no mask tensor at all) is the fast path.
-        out = attention(q, k, v, mask, causal and mask is None)
-        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        d = w // self.heads
+        if rows is None:
+            # Split q, k, v along the "3" axis and hand SDPA strided [B, H, N, d] views: its backward
+            # then stacks dq, dk, dv straight into qkv's [B, N, 3, H, d] layout, without a copy.
+            q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.heads, d).unbind(2))
+            # SDPA cannot take both a mask and is_causal; is_causal alone (no mask tensor) is the fast path.
+            out = attention(q, k, v, mask, causal and mask is None)
+            return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        w_q, w_kv = self.qkv.weight.split([w, 2 * w])
+        b_q, b_kv = self.qkv.bias.split([w, 2 * w])
+        q = F.linear(x[torch.arange(b, device=x.device), rows], w_q, b_q).view(b, self.heads, 1, d)
+        k, v = (t.transpose(1, 2) for t in F.linear(x, w_kv, b_kv).view(b, n, 2, self.heads, d).unbind(2))
+        if causal:  # one query at position rows[i] sees keys 0..rows[i]
+            keys = (torch.arange(n, device=x.device) <= rows[:, None])[:, None, None, :]
+            mask = keys if mask is None else mask & keys
+        return self.proj(attention(q, k, v, mask, False).reshape(b, 1, w))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -49,6 +70,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask, causal)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, W] -> [B, N, W]; with `rows` [B] (the token of each sequence that is used later)
+        only those tokens' outputs, [B, W]."""
+        if rows is None:
+            x = x + self.attn(self.norm1(x), mask, causal)
+            return x + self.mlp(self.norm2(x))
+        x = x[torch.arange(x.shape[0], device=x.device), rows] + self.attn(self.norm1(x), mask, causal, rows)[:, 0]
         return x + self.mlp(self.norm2(x))

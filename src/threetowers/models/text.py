@@ -44,8 +44,13 @@ class TextTransformer(nn.Module):
             if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}); the tokenizer and model.text.vocab_size differ")
             self._ids_checked = True
-        n = tokens.shape[1]
         valid = tokens != self.pad_id  # [B, L]; sequences are left-aligned, padding at the end
+        if tokens.device.type == "cpu" and tokens.shape[1] > 1:
+            # Columns that are padding in every sequence change no valid token's output (padding is
+            # masked or after it): drop them. (On an accelerator, finding them would cost a sync.)
+            n = max(1, int(valid.sum(dim=1).max()))
+            tokens, valid = tokens[:, :n], valid[:, :n]
+        n = tokens.shape[1]
         if self.causal:
             # With padding only at the end, a valid query's causal window holds only valid keys: the
             # causal mask alone is exact for every position that is pooled, and needs no mask tensor.
@@ -58,13 +63,15 @@ class TextTransformer(nn.Module):
             keys[:, 0] = True
             mask = keys[:, None, None, :]
         x = self.token_embed(tokens) + self.pos_embed[:, :n]
+        if self.pool == "eot":
+            # The end-of-text token is the last valid token of each sequence: only its output is used,
+            # so the last block runs for it alone, and the final LayerNorm (per token) too.
+            last = valid.sum(dim=1).clamp(min=1) - 1
+            for block in self.blocks[:-1]:
+                x = block(x, mask, self.causal)
+            return self.norm(self.blocks[-1](x, mask, self.causal, rows=last))
         for block in self.blocks:
             x = block(x, mask, self.causal)
-        if self.pool == "eot":
-            # The end-of-text token is the last valid token of each sequence. The final LayerNorm acts
-            # on each token alone, so normalising only the pooled tokens gives the same result.
-            last = valid.sum(dim=1).clamp(min=1) - 1
-            return self.norm(x[torch.arange(x.shape[0], device=x.device), last])
         x = self.norm(x)
         weights = valid.unsqueeze(-1).to(x.dtype)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1)

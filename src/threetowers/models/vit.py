@@ -44,8 +44,12 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed
+        if self.pool == "cls":
+            # Only the class token's output is used: the last block runs for it alone (keys and values
+            # from every token), and the final LayerNorm, which is per token, too.
+            for block in self.blocks[:-1]:
+                x = block(x)
+            return self.norm(self.blocks[-1](x, rows=torch.zeros(x.shape[0], dtype=torch.long, device=x.device)))
         for block in self.blocks:
             x = block(x)
-        if self.pool == "cls":
-            return self.norm(x[:, 0])  # LayerNorm is per token: normalising only the pooled one is the same
         return self.norm(x).mean(dim=1)
