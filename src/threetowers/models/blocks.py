@@ -43,7 +43,7 @@ class Attention(nn.Module):
         if causal:  # one query at position rows[i] sees keys 0..rows[i]
             keys = (torch.arange(n, device=x.device) <= rows[:, None])[:, None, None, :]
             mask = keys if mask is None else mask & keys
-        return self.proj(attention(q, k, v, mask, False).reshape(b, 1, w))
+        return self.proj(single_query_attention(q, k, v, mask).reshape(b, 1, w))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -59,6 +59,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
         return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per sequence (q [B, H, 1, d]), written out and computed in fp32.
+
+    It is a small product, so fp32 costs nothing; and unlike SDPA on the CPU, whose split of a
+    single query's keys over threads makes the result depend on the thread count, it gives the
+    same result however many threads run it (a model saved and reloaded elsewhere encodes alike).
+    """
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, 1, N]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v.float()).to(dtype)
 
 
 class Block(nn.Module):
