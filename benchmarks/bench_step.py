@@ -13,13 +13,19 @@ clipping, data loading and logging are left out on both sides.
 
 Contenders (all interleaved, A B C ... A B C ..., medians over the timed steps):
   ours/clip, open_clip/clip       identical shapes; for each precision of the preset
+  ours/clip gap                   our default image pooling (mean over patches) instead of the class token
   ours/3t cached, ours/lit cached h's embeddings precomputed (batch["third"], float16 as the cache stores them)
   ours/3t online, ours/lit online h (a frozen ViT of f's shape) runs every step
   open_clip/lit locked            `lock_image_tower()`: the frozen tower runs every step
+  before/clip                     with --baseline-src: another checkout's towers and loss (before/after a change)
 
 Matching the architectures: our ViT uses the class token (`pool=cls`) like open_clip's default
 `pool_type=tok`, and open_clip is built with `no_ln_pre=True` since our ViT has no LayerNorm
-before the blocks. What remains different is printed with the parameter counts.
+before the blocks. What remains different is printed with the parameter counts. Captions have
+random lengths (4 to the context length), the end-of-text token being the largest id.
+
+On a machine shared with other work, steps during which other processes held the CPU are marked
+and dropped, and rounds go on until enough clean steps are in (see common.interleave).
 """
 
 from __future__ import annotations
@@ -95,9 +101,9 @@ def make_batch(s: Shapes, device: torch.device, seed: int = 0) -> dict[str, torc
 # ----------------------------------------------------------------------------- models
 
 
-def our_config(s: Shapes, method: str):
+def our_config(s: Shapes, method: str, pool: str = "cls"):
     o = [
-        f"model.method={method}", f"model.embed_dim={s.embed_dim}", "model.image.pool=cls",
+        f"model.method={method}", f"model.embed_dim={s.embed_dim}", f"model.image.pool={pool}",
         f"model.image.image_size={s.image_size}", f"model.image.patch_size={s.patch_size}",
         f"model.image.width={s.vit_width}", f"model.image.depth={s.vit_depth}", f"model.image.heads={s.vit_heads}",
         f"model.image.mlp_ratio={s.mlp_ratio}", f"model.text.vocab_size={s.vocab_size}",
@@ -115,8 +121,8 @@ def frozen_vit(s: Shapes) -> ThirdTower:
     return ThirdTower(FrozenImageModel(vit, s.vit_width, Preprocessing(s.image_size), "bench-h"))
 
 
-def build_ours(s: Shapes, method: str, third: str | None) -> ThreeTowers:
-    cfg = our_config(s, method)
+def build_ours(s: Shapes, method: str, third: str | None, pool: str = "cls") -> ThreeTowers:
+    cfg = our_config(s, method, pool)
     if third == "online":
         return ThreeTowers(cfg, third=frozen_vit(s))
     if third == "cached":
@@ -248,6 +254,7 @@ def build_contenders(s: Shapes, precisions: tuple[str, ...], device: torch.devic
         if baseline:
             add("before/clip", p, lambda: build_baseline(s, baseline), our_loss)
     p = item2_precision
+    add("ours/clip gap", p, lambda: build_ours(s, "clip", None, pool="gap"), our_loss)
     add("ours/3t cached", p, lambda: build_ours(s, "3t", "cached"), our_loss)
     add("ours/lit cached", p, lambda: build_ours(s, "lit", "cached"), our_loss)
     add("ours/3t online", p, lambda: build_ours(s, "3t", "online"), our_loss)
@@ -271,6 +278,8 @@ def ratios(results: dict, precisions: tuple[str, ...], p2: str) -> dict:
             out[f"clip {p}: speed-up over --baseline-src"] = t(f"before/clip {p}") / t(f"ours/clip {p}")
         if t(f"ours/clip {p}") and t(f"open_clip/clip {p}"):
             out[f"clip {p}: ours/open_clip throughput (target >= 1.0, aim 1.2)"] = t(f"open_clip/clip {p}") / t(f"ours/clip {p}")
+    if t(f"ours/clip gap {p2}") and t(f"open_clip/clip {p2}"):
+        out[f"clip {p2}: ours with gap pooling/open_clip throughput"] = t(f"open_clip/clip {p2}") / t(f"ours/clip gap {p2}")
     clip = t(f"ours/clip {p2}")
     if clip:
         if t(f"ours/3t cached {p2}"):
@@ -357,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("  " + n)
     baseline = load_baseline(args.baseline_src) if args.baseline_src else None
     contenders = build_contenders(s, precisions, device, args.compile, p2, only, baseline)
+    if not contenders:
+        raise SystemExit(f"--only {args.only!r} matches no contender")
 
     results = {}
     print("warm-up and peak memory, one contender at a time")
@@ -397,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "bench_step", "preset": args.preset, "quick": args.quick, "compile": args.compile,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "shapes": asdict(s), "rounds": rounds, "steps_per_round": steps, "machine": machine(device),
+        "shapes": asdict(s), "rounds": rounds, "steps_per_round": steps,
+        "machine": {**machine(device), "open_clip": _open_clip_version()},
         "optimizer": type(contenders[0].optimizer).__name__ + " " + str(
             {k: v for k, v in contenders[0].optimizer.defaults.items() if k in ("foreach", "fused", "betas", "eps")}),
         "notes": notes, "results": results, "ratios": rat,
@@ -407,6 +419,12 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomic(args.out, report)
         print(f"wrote {args.out}")
     return report
+
+
+def _open_clip_version() -> str:
+    import open_clip
+
+    return open_clip.__version__
 
 
 if __name__ == "__main__":
