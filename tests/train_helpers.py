@@ -91,6 +91,10 @@ def install() -> None:
     fake = types.ModuleType("threetowers.data.loader")
     fake.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
     sys.modules["threetowers.data.loader"] = fake
+    # Synthetic captions have no real tokenizer, so the trainer's world evaluation is off here.
+    import threetowers.eval.tasks
+
+    threetowers.eval.tasks.trainer_hook = lambda cfg, tokenizer=None: None
 
 
 if __name__ == "__main__":

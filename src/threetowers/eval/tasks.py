@@ -124,8 +124,8 @@ def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_siz
     return results
 
 
-def trainer_hook(cfg: Config) -> Callable[[Any, int], dict] | None:
-    """The trainer's periodic evaluation: `eval.tasks` on the run's tokenizer (None without tasks)."""
+def trainer_hook(cfg: Config, tokenizer: Callable) -> Callable[[Any, int], dict] | None:
+    """The trainer's periodic evaluation: `eval.tasks` with the run's tokenizer (None without tasks)."""
     names = [n for n in cfg.eval.tasks if cfg.data.source == "world" or n not in WORLD_TASKS]
     if not names:
         return None  # world tasks only make sense for models trained on the world
@@ -133,12 +133,8 @@ def trainer_hook(cfg: Config) -> Callable[[Any, int], dict] | None:
 
     def hook(model: Any, step: int) -> dict:
         if not state:
-            from ..data.tokenizer import Tokenizer
-
-            state["tasks"] = build_tasks(cfg, names)
-            state["tokenizer"] = Tokenizer.from_file(Path(cfg.train.output_dir) / "tokenizer.json",
-                                                     cfg.model.text.context_length)
+            state["tasks"] = build_tasks(cfg, names)  # rendered once, on the first call
         with torch.autocast("cpu", enabled=False):
-            return run_tasks(model, state["tokenizer"], state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
+            return run_tasks(model, tokenizer, state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
 
     return hook

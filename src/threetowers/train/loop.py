@@ -212,7 +212,7 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
                 from ..eval.tasks import trainer_hook
 
                 data = build_train_data(cfg, info.rank, info.world_size, third=third)
-                evaluate = evaluate or trainer_hook(cfg)
+                evaluate = evaluate or trainer_hook(cfg, data.tokenizer)
             data_seconds = time.perf_counter() - t0
             tokenizer = getattr(data, "tokenizer", None)
             if tokenizer is not None:
