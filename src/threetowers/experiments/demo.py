@@ -69,7 +69,7 @@ def run_demo(demo: DemoConfig) -> dict:
     out = Path(demo.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base = run_config(demo, "clip", None, demo.seeds[0])
+    base = load_config(demo.base, [o for o in demo.overrides if o.startswith("data.")])
 
     # 1. the world (rendered once into the on-disk cache, then reused)
     t0 = time.perf_counter()
@@ -143,9 +143,11 @@ def world_overrides(cfg: Config) -> list[str]:
 def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, third_cfg: list[str] | None = None) -> Config:
     out = Path(demo.output_dir)
     name = method if third is None else f"{method}_{third}"
+    # An ablation of h's options (model.third.*) leaves the CLIP baseline, which has no h, as it is.
+    overrides = [o for o in demo.overrides if method != "clip" or not o.startswith("model.third.")]
     return load_config(demo.base, [
         f"model.method={method}", f"train.seed={seed}", f"train.output_dir={out / 'runs' / f'{name}_seed{seed}'}",
-        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *demo.overrides,
+        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *overrides,
     ])
 
 
