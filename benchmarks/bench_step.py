@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory: this project against open_clip, and CLIP vs LiT vs 3T.
 
-    python benchmarks/bench_step.py                         # CPU preset, ~3-4 min on 2 cores
-    python benchmarks/bench_step.py --quick                 # smaller batch, fewer rounds (~1 min)
+    python benchmarks/bench_step.py                         # CPU preset, ~3 min on 2 cores
+    python benchmarks/bench_step.py --quick                 # batch 64, 3 rounds (~30 s)
     python benchmarks/bench_step.py --preset gpu --out gpu_step.json   # ViT-B/16-like, bf16, CUDA
     python benchmarks/bench_step.py --preset gpu --compile  # both sides under torch.compile
 
@@ -72,7 +72,7 @@ class Shapes:
 PRESETS = {
     "cpu": dict(
         shapes=Shapes(32, 4, 192, 6, 3, 256, 4, 4, 32, 4096, 128, 4.0, 256),
-        quick_batch=64, device="cpu", precisions=("fp32", "bf16"), threads=2, rounds=5, steps=1, quick_rounds=3,
+        quick_batch=64, device="cpu", precisions=("fp32", "bf16"), threads=2, rounds=7, steps=1, quick_rounds=3,
     ),
     "gpu": dict(
         shapes=Shapes(224, 16, 768, 12, 12, 512, 12, 8, 77, 49408, 512, 4.0, 256),
@@ -165,8 +165,8 @@ def our_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def load_baseline(src: str) -> dict:
-    """Towers and loss of another checkout's `src` (e.g. `git worktree add /tmp/before <commit>`), loaded
-    under private module names so that both versions run side by side in this process."""
+    """Towers and loss of another checkout's `src` (e.g. `git archive <commit> src | tar -x -C /tmp/before`),
+    loaded under private module names so that both versions run side by side in this process."""
     import importlib.util
     import types
 
@@ -272,14 +272,17 @@ def ratios(results: dict, precisions: tuple[str, ...], p2: str) -> dict:
         r = results.get(name)
         return r["median_s"] if r else None
 
+    def speedup(slow: str, fast: str) -> float | None:
+        return t(slow) / t(fast) if t(slow) and t(fast) else None
+
     out = {}
     for p in precisions:
-        if t(f"ours/clip {p}") and t(f"before/clip {p}"):
-            out[f"clip {p}: speed-up over --baseline-src"] = t(f"before/clip {p}") / t(f"ours/clip {p}")
-        if t(f"ours/clip {p}") and t(f"open_clip/clip {p}"):
-            out[f"clip {p}: ours/open_clip throughput (target >= 1.0, aim 1.2)"] = t(f"open_clip/clip {p}") / t(f"ours/clip {p}")
-    if t(f"ours/clip gap {p2}") and t(f"open_clip/clip {p2}"):
-        out[f"clip {p2}: ours with gap pooling/open_clip throughput"] = t(f"open_clip/clip {p2}") / t(f"ours/clip gap {p2}")
+        out[f"clip {p}: speed-up over --baseline-src"] = speedup(f"before/clip {p}", f"ours/clip {p}")
+        out[f"clip {p}: ours/open_clip throughput (target >= 1.0, aim 1.2)"] = speedup(f"open_clip/clip {p}",
+                                                                                       f"ours/clip {p}")
+    out[f"clip {p2}: ours with gap pooling/open_clip throughput"] = speedup(f"open_clip/clip {p2}",
+                                                                           f"ours/clip gap {p2}")
+    out = {k: v for k, v in out.items() if v is not None}
     clip = t(f"ours/clip {p2}")
     if clip:
         if t(f"ours/3t cached {p2}"):
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or preset["device"])
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--preset gpu needs a CUDA device")
+            raise SystemExit(f"--preset {args.preset} runs on {device}, but torch sees no CUDA device")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     threads = preset["threads"] if args.threads < 0 else args.threads
@@ -393,9 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, r in results.items():
         base = ref.get(r["precision"])
-        rows.append([name, f"{1e3 * r['median_s']:.0f}", f"{1e3 * r['min_s']:.0f}", f"{r['pairs_per_s']:.1f}",
-                     f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
-                     f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M", f"{r['n']} ({r['n_disturbed']})" + (" !" if r["all_disturbed"] else "")])
+        rows.append([
+            name, f"{1e3 * r['median_s']:.0f}", f"{1e3 * r['min_s']:.0f}", f"{r['pairs_per_s']:.1f}",
+            f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
+            f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M",
+            f"{r['n']} ({r['n_disturbed']})" + (" !" if r["all_disturbed"] else ""),
+        ])
     print_table(["contender", "step ms (median)", "min", "pairs/s", "speed vs ours/clip", "peak MiB",
                  "trainable / all", "steps (disturbed)"],
                 rows, title=f"batch {s.batch}, {device}, medians over interleaved undisturbed steps")

@@ -46,7 +46,8 @@ class Attention(nn.Module):
         return self.proj(single_query_attention(q, k, v, mask).reshape(b, 1, w))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool) -> torch.Tensor:
     """SDPA; on the CPU in fp32 even under bf16/fp16 autocast.
 
     The CPU's fused attention kernel is about twice as slow in bf16 as in fp32 (forward and backward),
@@ -61,7 +62,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per sequence (q [B, H, 1, d]), written out and computed in fp32.
 
     It is a small product, so fp32 costs nothing; and unlike SDPA on the CPU, whose split of a

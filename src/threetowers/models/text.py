@@ -63,15 +63,17 @@ class TextTransformer(nn.Module):
             keys[:, 0] = True
             mask = keys[:, None, None, :]
         x = self.token_embed(tokens) + self.pos_embed[:, :n]
-        if self.pool == "eot":
-            # The end-of-text token is the last valid token of each sequence: only its output is used,
-            # so the last block runs for it alone, and the final LayerNorm (per token) too.
-            last = valid.sum(dim=1).clamp(min=1) - 1
-            for block in self.blocks[:-1]:
+        if self.pool == "mean":
+            for block in self.blocks:
                 x = block(x, mask, self.causal)
-            return self.norm(self.blocks[-1](x, mask, self.causal, rows=last))
-        for block in self.blocks:
+            x = self.norm(x)
+            weights = valid.unsqueeze(-1).to(x.dtype)
+            return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        # The end-of-text token is the last valid token of each sequence: only its output is used, so
+        # the last block runs for it alone, and the final LayerNorm (per token) too.
+        last = valid.sum(dim=1).clamp(min=1) - 1
+        for block in self.blocks[:-1]:
             x = block(x, mask, self.causal)
-        x = self.norm(x)
-        weights = valid.unsqueeze(-1).to(x.dtype)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if len(self.blocks):
+            return self.norm(self.blocks[-1](x, mask, self.causal, rows=last))
+        return self.norm(x[torch.arange(x.shape[0], device=x.device), last])

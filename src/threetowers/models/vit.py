@@ -49,7 +49,9 @@ class VisionTransformer(nn.Module):
             # from every token), and the final LayerNorm, which is per token, too.
             for block in self.blocks[:-1]:
                 x = block(x)
-            return self.norm(self.blocks[-1](x, rows=torch.zeros(x.shape[0], dtype=torch.long, device=x.device)))
+            if len(self.blocks):
+                return self.norm(self.blocks[-1](x, rows=torch.zeros(x.shape[0], dtype=torch.long, device=x.device)))
+            return self.norm(x[:, 0])
         for block in self.blocks:
             x = block(x)
         return self.norm(x).mean(dim=1)
