@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +28,10 @@ import torch.nn.functional as F
 
 from threetowers.eval import retrieval_recall
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import reset_rss_peak, status_kb  # noqa: E402  (shared /proc helpers)
+
 MB = 2**20
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(fn, repeats: int) -> dict:
@@ -53,15 +39,15 @@ def measure(fn, repeats: int) -> dict:
     walls, cpus, peaks, exact_peak = [], [], [], True
     result = None
     for _ in range(repeats):
-        exact_peak &= _reset_peak()
-        rss_before = _status_kb("VmRSS")
+        exact_peak &= reset_rss_peak()
+        rss_before = status_kb("VmRSS")
         maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         if exact_peak:
-            peaks.append((_status_kb("VmHWM") - rss_before) / 1024)
+            peaks.append((status_kb("VmHWM") - rss_before) / 1024)
         else:  # lifetime peak only: growth shows up only when this call sets a new record
             peaks.append(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before) / 1024)
     return {

@@ -123,7 +123,7 @@ def summary(record: dict[str, list], rows_per_call: int) -> dict:
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -134,7 +134,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -177,11 +177,11 @@ def step_peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MIB
     _trim_malloc()
-    if not _reset_rss_peak():
+    if not reset_rss_peak():
         return None
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     fn()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     if before is None or peak is None:
         return None
     return (peak - before) / 1024
