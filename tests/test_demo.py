@@ -9,15 +9,16 @@ TINY_RUN = [
     "model.image.depth=1", "model.image.heads=2", "model.text.vocab_size=300", "model.text.context_length=16",
     "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "data.world.num_pairs=256",
     "data.world.image_size=24", "train.steps=6", "train.batch_size=32", "optim.warmup_steps=2", "train.threads=1",
+    "eval.num_images=60", "eval.retrieval_images=30", "eval.fewshot_shots=[2]", "eval.fewshot_seeds=[0]",
+    "eval.mixing_alphas=[0.0,0.5,1.0]",
 ]
 
 
 def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "cache"))
     demo = load_demo_config("demo/quick", [
-        f"output_dir={tmp_path / 'demo'}", "seeds=[0,1]", "zeroshot_images=60", "retrieval_images=30",
-        "fewshot_shots=[2]", "fewshot_test=60", "mixing_alphas=[0.0,0.5,1.0]", "imagenet_input_size=32",
-        f"overrides=[{','.join(TINY_RUN)}]",
+        f"output_dir={tmp_path / 'demo'}", "seeds=[0,1]", "imagenet_input_size=32",
+        f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]",
         "pretrain_overrides=[model.image.image_size=24,train.steps=4,train.batch_size=32,pretrain.num_images=128,"
         "pretrain.num_heldout=56,train.threads=1]",
     ])

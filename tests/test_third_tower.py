@@ -363,3 +363,41 @@ def test_efficientnet_lite0_missing_extra(monkeypatch):
 def test_preprocessing_round_trips_through_dict():
     p = Preprocessing(160, (127 / 255,) * 3, (128 / 255,) * 3, "bicubic")
     assert Preprocessing.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_reused_features_skip_h_only_inside_the_block():
+    from threetowers.models.third_tower import _MEMO, FrozenImageModel, ThirdTower, reuse_third_features
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.proj(x.mean(dim=(2, 3)))
+
+    tower = ThirdTower(FrozenImageModel(Counting(), 4, Preprocessing(8), "counting"))
+    a, b = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    first = tower(a)
+    assert torch.equal(tower(a), first) and calls == [5, 5]  # outside the block h always runs
+    with reuse_third_features():
+        tower(a), tower(b)
+        again = tower(a)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tower(a)  # other precision: another entry
+    assert torch.equal(again, first) and calls == [5, 5, 5, 5, 5]
+    other = ThirdTower(FrozenImageModel(Counting(), 4, Preprocessing(8), "counting"))  # other weights
+    with reuse_third_features():
+        assert not torch.equal(other(a), first) and len(calls) == 6
+    saved = _MEMO.max_bytes
+    try:
+        _MEMO.max_bytes = 0  # a batch whose features do not fit is not kept
+        c = torch.rand(5, 3, 8, 8)
+        with reuse_third_features():
+            tower(c), tower(c)
+    finally:
+        _MEMO.max_bytes = saved
+    assert len(calls) == 8 and _MEMO.bytes <= _MEMO.max_bytes

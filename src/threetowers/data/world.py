@@ -499,11 +499,18 @@ class World:
 
     def fewshot(self, kind: str, shots: int, n_test: int, seed: int = 0) -> tuple[LabelledSet, LabelledSet]:
         """(train with exactly `shots` images per class, test), both from held-out seeds."""
+        return self.fewshot_train(kind, shots, seed), self.fewshot_test(kind, n_test)
+
+    def fewshot_train(self, kind: str, shots: int, seed: int = 0) -> LabelledSet:
+        """Exactly `shots` held-out images per class; another `seed` draws other images."""
         self._check_kind(kind)
         classes = len(self.object_classes if kind == "object" else self.scene_classes)
-        recipe = _RECIPES["eval", kind]
-        train = self._labelled(f"fewshot/{kind}/train/{seed}", recipe, shots * classes, kind)
-        return train, self._labelled(f"fewshot/{kind}/test", recipe, n_test, kind)
+        return self._labelled(f"fewshot/{kind}/train/{seed}", _RECIPES["eval", kind], shots * classes, kind)
+
+    def fewshot_test(self, kind: str, n: int) -> LabelledSet:
+        """The few-shot probes' test set: the same for every shot count and seed."""
+        self._check_kind(kind)
+        return self._labelled(f"fewshot/{kind}/test", _RECIPES["eval", kind], n, kind)
 
     def retrieval(self, n_images: int, captions_per_image: int = 5) -> CaptionedSet:
         """Held-out scenes with several different clean paraphrases each."""

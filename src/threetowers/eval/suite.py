@@ -8,7 +8,8 @@ the mixing sweep s_a = (1 - a)<f, g> + a<h_g(h), g_h> for every a in `mixing_alp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,9 +41,23 @@ def _encode(
     return [torch.cat(o) for o in outs]
 
 
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """An `nn.Module` in eval mode, without gradients, for the block; its training flag restored after."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def encode_images(model: Any, images, batch_size: int = 256) -> Tensor:
     """`model.encode_image` over uint8 images [N, H, W, 3], batched, as one float32 CPU tensor."""
-    with torch.no_grad():
+    with eval_mode(model):
         return _encode([model.encode_image], as_float, images, batch_size, _device(model), "images", False)[0]
 
 
@@ -80,35 +95,28 @@ def evaluate(
     image_fns = [model.encode_image] + ([model.encode_image_third] if mixing else [])
     text_fns = [model.encode_text] + ([model.encode_text_third] if mixing else [])
     device = _device(model)
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
     results: dict[str, float] = {}
 
     def tokenize_to_device(texts: list[str]) -> Tensor:
         return tokenizer(texts).to(device)
 
-    try:
-        with torch.no_grad():
-            for name, task in tasks.items():
-                images = _encode(image_fns, as_float, task.images, batch_size, device, f"{name} images", progress)
-                if isinstance(task, LabelledSet):
-                    classes = [
-                        class_embeddings(fn, tokenize_to_device, task.class_names, task.templates, batch_size).cpu()
-                        for fn in text_fns
-                    ]
-                    targets, metric = task.labels, zeroshot_accuracy_mixed
-                else:
-                    classes = _encode(
-                        text_fns, tokenizer, task.captions, batch_size, device, f"{name} captions", progress
-                    )
-                    targets, metric = task.image_of_text, retrieval_recall_mixed
-                for alpha in alphas:
-                    third = (images[1], classes[1]) if alpha is not None else None
-                    scores = metric(_score_pairs((images[0], classes[0]), third, alpha), targets)
-                    prefix = name if alpha is None else f"{name}/mix@{alpha:g}"
-                    results.update({f"{prefix}/{k}": v for k, v in scores.items()})
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model):
+        for name, task in tasks.items():
+            images = _encode(image_fns, as_float, task.images, batch_size, device, f"{name} images", progress)
+            if isinstance(task, LabelledSet):
+                classes = [
+                    class_embeddings(fn, tokenize_to_device, task.class_names, task.templates, batch_size).cpu()
+                    for fn in text_fns
+                ]
+                targets, metric = task.labels, zeroshot_accuracy_mixed
+            else:
+                classes = _encode(
+                    text_fns, tokenizer, task.captions, batch_size, device, f"{name} captions", progress
+                )
+                targets, metric = task.image_of_text, retrieval_recall_mixed
+            for alpha in alphas:
+                third = (images[1], classes[1]) if alpha is not None else None
+                scores = metric(_score_pairs((images[0], classes[0]), third, alpha), targets)
+                prefix = name if alpha is None else f"{name}/mix@{alpha:g}"
+                results.update({f"{prefix}/{k}": v for k, v in scores.items()})
     return results

@@ -16,6 +16,7 @@ import torch
 
 from ..config import Config
 from ..data.sets import CaptionedSet, LabelledSet
+from ..models.third_tower import reuse_third_features
 from .fewshot import fewshot_ridge
 from .suite import encode_images, evaluate
 
@@ -24,9 +25,10 @@ WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object
 
 @dataclass
 class FewShotTask:
-    """Ridge probes on frozen image embeddings: (shots, seed) -> (train set, test set)."""
+    """Ridge probes on frozen image embeddings: one per (shots, seed) train set, all on one test set."""
 
-    splits: dict[tuple[int, int], tuple[LabelledSet, LabelledSet]]
+    train: dict[tuple[int, int], LabelledSet]
+    test: LabelledSet
 
 
 Task = LabelledSet | CaptionedSet | FewShotTask
@@ -49,8 +51,9 @@ def build_tasks(cfg: Config, names: list[str] | None = None) -> dict[str, Task]:
             elif name == "retrieval":
                 tasks[name] = world.retrieval(e.retrieval_images, e.captions_per_image)
             else:
-                tasks[name] = FewShotTask({(s, seed): world.fewshot(kind, s, e.num_images, seed)
-                                           for s in e.fewshot_shots for seed in e.fewshot_seeds})
+                tasks[name] = FewShotTask({(s, seed): world.fewshot_train(kind, s, seed)
+                                           for s in e.fewshot_shots for seed in e.fewshot_seeds},
+                                          world.fewshot_test(kind, e.num_images))
         elif name.startswith("zeroshot:"):
             tasks[name] = folder_task(name.split(":", 1)[1], cfg.model.image.image_size, e.num_images)
         elif name.startswith("retrieval:"):
@@ -108,17 +111,25 @@ def csv_task(cfg: Config, path: str) -> CaptionedSet:
 def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int = 256,
               mixing_alphas: list[float] | None = None) -> dict[str, float]:
     """All metrics as {task/metric: value}; mixing (3T models only) as {task/mix@a/metric: value}."""
+    # A frozen h gives the same features for the same eval batch in every model and every call: keep them.
+    with reuse_third_features():
+        return _run_tasks(model, tokenizer, tasks, batch_size, mixing_alphas)
+
+
+def _run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int,
+               mixing_alphas: list[float] | None) -> dict[str, float]:
     plain = {n: t for n, t in tasks.items() if not isinstance(t, FewShotTask)}
     alphas = mixing_alphas if getattr(model, "has_third_pair", False) else None
     results = evaluate(model, tokenizer, plain, batch_size, alphas) if plain else {}
     for name, task in tasks.items():
         if not isinstance(task, FewShotTask):
             continue
+        test_x = encode_images(model, task.test.images, batch_size)  # once for every probe
         by_shots: dict[int, list[float]] = {}
-        for (shots, _seed), (train_set, test_set) in task.splits.items():
+        for (shots, _seed), train_set in task.train.items():
             by_shots.setdefault(shots, []).append(fewshot_ridge(
                 encode_images(model, train_set.images, batch_size), torch.as_tensor(train_set.labels),
-                encode_images(model, test_set.images, batch_size), torch.as_tensor(test_set.labels)))
+                test_x, torch.as_tensor(task.test.labels)))
         for shots, accs in by_shots.items():
             results[f"{name}/{shots}shot"] = float(np.mean(accs))
     return results

@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, load_config, resolve_preset
+from ..eval.tasks import WORLD_TASKS, build_tasks, run_tasks
 from .report import write_report
 
 # The third towers of the comparison: name -> (overrides of model.third, the task its labels match).
@@ -35,12 +36,8 @@ class DemoConfig:
     pretrain: str = "demo/pretrain"  # the Config preset of the two pretrained classifiers
     pretrain_overrides: list[str] = field(default_factory=list)
     imagenet_input_size: int = 96  # EfficientNet-Lite0's input: 224 costs 5x more for little gain at 48 px
-    zeroshot_images: int = 1000
-    retrieval_images: int = 500
-    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
-    fewshot_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    fewshot_test: int = 1000
-    mixing_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    # The evaluation (set sizes, shots, mixing alphas) is the base preset's `eval` section, changed
+    # with `overrides` like any other run setting, e.g. eval.num_images=300.
 
 
 def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = None) -> DemoConfig:
@@ -69,19 +66,13 @@ def run_demo(demo: DemoConfig) -> dict:
     out = Path(demo.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base = load_config(demo.base, [o for o in demo.overrides if o.startswith("data.")])
+    base = load_config(demo.base, demo.overrides)
 
-    # 1. the world (rendered once into the on-disk cache, then reused)
+    # 1. the world (rendered once into the on-disk cache, then reused) and the evaluation sets
     t0 = time.perf_counter()
     world = World(base.data.world)
     world.pairs("train")
-    tasks = {
-        "zeroshot_object": world.zeroshot("object", demo.zeroshot_images),
-        "zeroshot_scene": world.zeroshot("scene", demo.zeroshot_images),
-        "retrieval": world.retrieval(demo.retrieval_images),
-    }
-    fewshot_sets = {kind: {(s, seed): world.fewshot(kind, s, demo.fewshot_test, seed)
-                           for s in demo.fewshot_shots for seed in demo.fewshot_seeds} for kind in ("object", "scene")}
+    tasks = build_tasks(base, list(WORLD_TASKS))
     world.show(str(out / "world.png"), n=16)
     timings["render"] = time.perf_counter() - t0
     _log(f"world ready ({timings['render']:.0f}s): {len(world.object_classes)} objects, {len(world.scene_classes)} scenes")
@@ -121,7 +112,8 @@ def run_demo(demo: DemoConfig) -> dict:
             timings["cache"] += result.data_seconds
             t0 = time.perf_counter()
             model, tokenizer = result["model"], result["tokenizer"]
-            metrics, mixing = evaluate_run(model, tokenizer, tasks, fewshot_sets, demo)
+            metrics, mixing = split_mixing(run_tasks(model, tokenizer, tasks, cfg.eval.batch_size,
+                                                     cfg.eval.mixing_alphas))
             timings["eval"] += time.perf_counter() - t0
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
                          "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
@@ -151,12 +143,8 @@ def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, thir
     ])
 
 
-def evaluate_run(model, tokenizer, tasks: dict, fewshot_sets: dict, demo: DemoConfig) -> tuple[dict, dict]:
-    from ..eval.fewshot import fewshot_ridge
-    from ..eval.suite import encode_images, evaluate
-
-    mixing_alphas = demo.mixing_alphas if getattr(model, "has_third_pair", False) else None
-    results = evaluate(model, tokenizer, tasks, mixing_alphas=mixing_alphas)
+def split_mixing(results: dict[str, float]) -> tuple[dict, dict]:
+    """{task/mix@a/metric: v} entries -> (the plain metrics, {a: {task/metric: v}})."""
     metrics = {k: v for k, v in results.items() if "/mix@" not in k}
     mixing: dict[str, dict[str, float]] = {}
     for key, value in results.items():
@@ -164,14 +152,6 @@ def evaluate_run(model, tokenizer, tasks: dict, fewshot_sets: dict, demo: DemoCo
             task, rest = key.split("/mix@", 1)
             alpha, metric = rest.split("/", 1)
             mixing.setdefault(alpha, {})[f"{task}/{metric}"] = value
-    for kind, sets in fewshot_sets.items():
-        for shots in demo.fewshot_shots:
-            accs = []
-            for seed in demo.fewshot_seeds:
-                train_set, test_set = sets[(shots, seed)]
-                accs.append(fewshot_ridge(encode_images(model, train_set.images), torch.as_tensor(train_set.labels),
-                                          encode_images(model, test_set.images), torch.as_tensor(test_set.labels)))
-            metrics[f"fewshot_{kind}/{shots}shot"] = float(sum(accs) / len(accs))
     return metrics, mixing
 
 

@@ -11,6 +11,9 @@ has, applies h's own resize and normalisation, and runs the module frozen, in ev
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -73,6 +76,59 @@ def preprocess(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return (images - mean) / std
 
 
+class _FeatureMemo:
+    """h's outputs by input batch, kept while `reuse_third_features()` is active (LRU, bounded in bytes).
+
+    h is frozen, so its output depends only on its weights and the input. Evaluating many models that
+    share an h on the same sets (the demo's runs, a trainer's periodic evaluation) then runs h once per
+    batch instead of once per model. Training batches are never looked up: the memo is off outside the
+    context, and training with h online does not enter it.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.active = 0
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def key(tower: "ThirdTower", images: torch.Tensor) -> tuple:
+        data = images.detach().cpu().contiguous()
+        digest = hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        device = images.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return tower.fingerprint, tower.preprocessing, autocast, tuple(data.shape), str(data.dtype), digest
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key: tuple, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        self.entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+_MEMO = _FeatureMemo()
+
+
+@contextmanager
+def reuse_third_features() -> Iterator[None]:
+    """Within the block, a frozen h given a batch it has seen before returns the stored features."""
+    _MEMO.active += 1
+    try:
+        yield
+    finally:
+        _MEMO.active -= 1
+
+
 class ThirdTower(nn.Module):
     """A frozen image model: eval mode always, no gradients, never in the optimizer."""
 
@@ -95,11 +151,17 @@ class ThirdTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        key = _MEMO.key(self, images) if _MEMO.active else None
+        features = _MEMO.get(key) if key else None
+        if features is not None:
+            return features.to(images.device)
         features = self.module(preprocess(images, self.preprocessing))
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(
                 f"third tower {self.name} returned shape {tuple(features.shape)}; expected [B, {self.dim}] pre-logits"
             )
+        if key:
+            _MEMO.put(key, features.cpu())
         return features
 
     def info(self) -> dict:
