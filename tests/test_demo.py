@@ -38,3 +38,30 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000
     assert set(result["timings"]) == {"render", "pretrain", "cache", "train", "eval"}
+
+
+def test_run_overrides_are_appended_and_checked_before_any_work():
+    import pytest
+
+    from threetowers.config import ConfigError
+
+    demo = load_demo_config("demo/quick", ["seeds=[3]"], run_overrides=["loss.weights=[0.5,0.25,0.25]"])
+    assert demo.seeds == [3] and demo.overrides[-1] == "loss.weights=[0.5,0.25,0.25]"
+    assert "train.steps=100" in demo.overrides  # the preset's own overrides are kept
+    with pytest.raises(ConfigError, match="did you mean loss.weights"):
+        load_demo_config("demo/quick", run_overrides=["loss.wieghts=1"])
+    with pytest.raises(ConfigError, match="--run key=value"):
+        load_demo_config("demo/full", ["overrides=[loss.weights=[0.5,0.25,0.25]]"])
+
+
+def test_failed_claims_get_hypotheses_with_their_ablation_commands():
+    from threetowers.experiments.report import HYPOTHESES, ablation_plan
+
+    held = {"claim": "retrieval: 3T (object) beats LiT (object)", "third": "object", "difference": 0.1,
+            "held": True, "beyond_spread": True}
+    assert ablation_plan([held]) == []
+    failed = {**held, "third": "imagenet", "held": False}
+    plan = "\n".join(ablation_plan([held, failed]))
+    assert "1 of 2 checks" in plan and "thirds=[imagenet]" in plan and "thirds=[imagenet,object]" not in plan
+    for _, run in HYPOTHESES:
+        assert run in plan

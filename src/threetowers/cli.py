@@ -247,13 +247,17 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                    "EfficientNet-Lite0 when installed), cache their embeddings, train CLIP once and "
                                    "LiT and 3T per third tower over several seeds, evaluate everything, and write "
                                    "results.md, results.json and plots to the output directory.",
-                       epilog="examples:\n  threetowers demo                       # the full run (~20 min on 2 cores)\n"
+                       epilog="examples:\n  threetowers demo                       # the full run (~15 min on 2 cores)\n"
                               "  threetowers demo --quick               # a first look (~3 min)\n"
-                              "  threetowers demo output_dir=ablation overrides=[model.third.heads=per_term]\n"
-                              "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t]",
+                              "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t]\n"
+                              "  threetowers demo output_dir=ablation --run model.third.heads=per_term\n"
+                              "  threetowers demo output_dir=ablation --run loss.weights=[0.5,0.25,0.25] --run train.steps=900",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="demo settings (see src/threetowers/configs/demo/full.yaml and experiments/demo.py)")
+    p.add_argument("--run", action="append", default=[], metavar="key=value",
+                   help="a training-config override for every run (an ablation), e.g. --run loss.kind=sigmoid; "
+                        "repeatable; appended to the demo's `overrides` list")
     p.add_argument("--quick", action="store_true", help="a small budget, one seed (demo/quick preset)")
     p.add_argument("--preset", default=None, help="a demo preset name or YAML file (default demo/full)")
     p.set_defaults(func=cmd_demo)
@@ -263,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .experiments.demo import load_demo_config, run_demo
 
     preset = args.preset or ("demo/quick" if args.quick else "demo/full")
-    run_demo(load_demo_config(preset, list(args.overrides)))
+    run_demo(load_demo_config(preset, list(args.overrides), run_overrides=args.run))
     return 0
 
 

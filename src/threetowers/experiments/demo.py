@@ -40,14 +40,21 @@ class DemoConfig:
     # with `overrides` like any other run setting, e.g. eval.num_images=300.
 
 
-def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = None) -> DemoConfig:
+def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = None,
+                     run_overrides: list[str] | None = None) -> DemoConfig:
+    """The demo preset with `overrides` of its own fields, then `run_overrides` appended to
+    `overrides` (the run config's key=value list; no quoting of nested lists needed there)."""
     merged = OmegaConf.merge(OmegaConf.structured(DemoConfig), OmegaConf.load(resolve_preset(preset)))
     try:
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:  # OmegaConf names the key; keep the message, drop the traceback
-        raise ConfigError(str(err).splitlines()[0]) from None
+        hint = ("; give run settings with nested lists as --run key=value (e.g. --run loss.weights=[0.5,0.25,0.25])"
+                if any(o.startswith("overrides=") for o in overrides or []) else "")
+        raise ConfigError(str(err).splitlines()[0] + hint) from None
     demo: DemoConfig = OmegaConf.to_object(merged)
+    demo.overrides += list(run_overrides or [])
+    load_config(demo.base, demo.overrides)  # a bad run setting fails here, before any work
     unknown = [t for t in demo.thirds if t not in ALIGNED]
     if unknown:
         raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
