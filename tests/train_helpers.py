@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -88,9 +87,10 @@ class SyntheticData:
 
 def install() -> None:
     """Make `threetowers.data.loader.build_train_data` build SyntheticData (in this process)."""
-    fake = types.ModuleType("threetowers.data.loader")
-    fake.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
-    sys.modules["threetowers.data.loader"] = fake
+    import threetowers.data.loader
+
+    threetowers.data.loader.build_train_data = (
+        lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third))
     # Synthetic captions have no real tokenizer, so the trainer's world evaluation is off here.
     import threetowers.eval.tasks
 
