@@ -10,8 +10,9 @@ batch 128, bf16, 2 threads):
 2. Loader: pairs/s that `ArrayTrainData` delivers alone (gather rows, uint8 -> float, tokens, and
    for LiT/3T h's cached embeddings), against the pairs/s each method's training step consumes.
 3. Data wait in real training runs (`train()`, the trainer the demo uses): the share of step time
-   spent waiting for the next batch (`time/data_fraction` in metrics.jsonl), with the background
-   prefetch thread (`data.prefetch=2`, the default) and without it (`data.prefetch=0`).
+   spent waiting for the next batch (`time/data_fraction` in metrics.jsonl).
+4. The batch's row indices (`global_indices`) at 12,000 and at 1,000,000 rows: the cost that grows
+   with the dataset.
 
 h is a resnet10t classifier with random weights, the same architecture and cost as the demo's
 pretrained third towers (timing does not depend on the weights).
@@ -32,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.data.loader import build_train_data  # noqa: E402
+from threetowers.data.loader import build_train_data, global_indices  # noqa: E402
 from threetowers.data.world import World  # noqa: E402
 from threetowers.models.classifier import Classifier, save_classifier  # noqa: E402
 from threetowers.models.model import write_json_atomic  # noqa: E402
@@ -66,6 +67,16 @@ def loader_rate(cfg, third, batches: int) -> float:
     return cfg.train.batch_size / statistics.median(times)
 
 
+def index_ms(rows: int, batch: int, steps: int = 200) -> float:
+    """Median ms of computing one step's row indices for a dataset of `rows` rows."""
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        global_indices(0, step, batch, rows)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def training_rates(cfg) -> dict:
     """Train for cfg.train.steps and read the logged windows (the first, with warm-up, is left out)."""
     result = train(cfg)
@@ -91,10 +102,11 @@ def main() -> None:
         pre = load_config("demo/pretrain", [])
         save_classifier(Classifier(pre.model.image, 28), Path(tmp) / "h", [f"class {i}" for i in range(28)])
         common = [f"data.cache_dir={tmp}/cache", f"train.steps={args.steps}", "train.log_every=20",
-                  "train.tensorboard=false", "model.third.source=checkpoint", f"model.third.path={tmp}/h"]
+                  "train.tensorboard=false"]
+        h = ["model.third.source=checkpoint", f"model.third.path={tmp}/h"]
 
         def cfg(method: str, *extra: str):
-            return load_config("demo/base", [*common, f"model.method={method}",
+            return load_config("demo/base", [*common, *(h if method != "clip" else []), f"model.method={method}",
                                              f"train.output_dir={tmp}/runs/{method}-{len(extra)}-{time.time_ns()}", *extra])
 
         torch.set_num_threads(2)
@@ -103,23 +115,21 @@ def main() -> None:
         third = load_third_tower(cfg("lit").model.third)
         rows, report = [], {"render_images_per_s": render, "methods": {}}
         for method in METHODS:
-            print(f"{method}: loader, then training with and without prefetch ...", flush=True)
+            print(f"{method}: loader, then training ...", flush=True)
             c = cfg(method)
             loader = loader_rate(c, third if method != "clip" else None, args.loader_batches)
-            with_prefetch = training_rates(cfg(method, "data.prefetch=2"))
-            without = training_rates(cfg(method, "data.prefetch=0"))
-            report["methods"][method] = {"loader_pairs_per_s": loader, "prefetch_2": with_prefetch,
-                                         "prefetch_0": without}
-            rows.append([method, f"{loader:,.0f}", f"{without['pairs_per_s']:,.0f}",
-                         f"{loader / without['pairs_per_s']:.0f}x",
-                         f"{without['data_ms']:.1f} ms / {100 * without['data_fraction']:.1f}%",
-                         f"{with_prefetch['data_ms']:.2f} ms / {100 * with_prefetch['data_fraction']:.2f}%",
-                         f"{with_prefetch['pairs_per_s']:,.0f}"])
+            trainer = training_rates(c)
+            report["methods"][method] = {"loader_pairs_per_s": loader, "training": trainer}
+            rows.append([method, f"{loader:,.0f}", f"{trainer['pairs_per_s']:,.0f}",
+                         f"{loader / trainer['pairs_per_s']:.0f}x", f"{trainer['step_ms']:.1f}",
+                         f"{trainer['data_ms']:.2f}", f"{100 * trainer['data_fraction']:.1f}%"])
+        report["index_ms"] = {rows_: index_ms(rows_, 128) for rows_ in (12_000, 1_000_000)}
 
     print(f"\nworld rendering: {render:,.0f} images/s on one core ({args.render} pairs, 48 px, a fresh seed)")
-    print_table(["method", "loader pairs/s", "trainer pairs/s", "loader / trainer", "data wait, no prefetch",
-                 "data wait, prefetch 2", "trainer pairs/s, prefetch"], rows,
-                "Demo preset (batch 128, 48 px, bf16, 2 threads); data wait = median per step and share of step time")
+    print_table(["method", "loader pairs/s", "trainer pairs/s", "loader / trainer", "step ms", "data wait ms",
+                 "data wait share"], rows,
+                "Demo preset (batch 128, 48 px, bf16, 2 threads); medians over the logged windows")
+    print("row indices per step: " + ", ".join(f"{n:,} rows {ms:.3f} ms" for n, ms in report["index_ms"].items()))
     report["machine"] = machine(torch.device("cpu"))
     report["steps"] = args.steps
     print(f"\n{report['machine']['cpu']}, {report['machine']['cpu_count']} cores, torch {torch.__version__}, "

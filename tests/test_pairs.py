@@ -388,3 +388,17 @@ def test_stream_train_data_batches_by_step(tmp_path):
         cfg = stream_config(tmp_path)
         cfg.model.method = "lit"
         StreamTrainData(cfg)
+
+
+def test_global_indices_visit_every_row_once_per_epoch_and_depend_only_on_the_step():
+    from threetowers.data.loader import _epoch_permutation, global_indices
+
+    rows, batch = 10, 4  # epochs end mid-batch: step 2 holds rows of epochs 0 and 1
+    seq = np.concatenate([global_indices(7, s, batch, rows) for s in range(5)])
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
+    assert not np.array_equal(seq[:10], seq[10:20])  # a fresh order each epoch
+    _epoch_permutation.cache_clear()
+    assert np.array_equal(global_indices(7, 3, batch, rows), seq[12:16])  # the same without the cache
+    assert not np.array_equal(global_indices(8, 0, batch, rows), seq[:4])  # another seed, another order
+    with pytest.raises(ValueError):
+        _epoch_permutation(7, 0, rows)[0] = 3  # shared between steps, so read-only

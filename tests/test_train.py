@@ -126,30 +126,6 @@ def model_has_no_image_tower(model) -> bool:
     return model.image_tower is None and model.third is not None
 
 
-def test_prefetched_batches_keep_order_raise_errors_and_stop_their_thread():
-    import threading
-
-    from threetowers.data.loader import prefetched
-
-    def numbers(fail_at=None):
-        for i in range(10):
-            if i == fail_at:
-                raise OSError(f"shard {i} unreadable")
-            yield {"i": i}
-
-    assert [b["i"] for b in prefetched(numbers(), 3)] == list(range(10))
-    assert [b["i"] for b in prefetched(numbers(), 0)] == list(range(10))
-    seen = []
-    with pytest.raises(OSError, match="shard 4 unreadable"):
-        for b in prefetched(numbers(fail_at=4), 2):
-            seen.append(b["i"])
-    assert seen == [0, 1, 2, 3]  # every batch before the bad one arrives first
-    endless = prefetched(({"i": i} for i in iter(int, 1)), 2)  # never ends on its own
-    next(endless)
-    endless.close()
-    assert not any(t.name == "threetowers-prefetch" and t.is_alive() for t in threading.enumerate())
-
-
 def test_gradient_accumulation_matches_the_full_batch_for_a_per_sample_loss():
     torch.manual_seed(0)
     model = Classifier()

@@ -115,7 +115,6 @@ class DataConfig:
     resampled: bool = True  # webdataset: sample with replacement (step-based training)
     shuffle_buffer: int = 2000
     num_workers: int = 0
-    prefetch: int = 2  # batches built ahead in a background thread while the model steps; 0 = none
     augment: bool = False
     max_bad_fraction: float = 0.05
     tokenizer: str = ""  # path to a tokenizer.json; "" = train BPE on the training captions

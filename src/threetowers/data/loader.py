@@ -10,10 +10,9 @@ equivalent, not bit-identical).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
-import queue
-import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,56 +31,17 @@ def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.n
     epochs = positions // num_rows
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
         sel = epochs == epoch
-        out[sel] = perm[positions[sel] % num_rows]
+        out[sel] = _epoch_permutation(seed, int(epoch), num_rows)[positions[sel] % num_rows]
     return out
 
 
-def prefetched(batches: Iterator[dict], depth: int) -> Iterator[dict]:
-    """The same batches in the same order, built up to `depth` ahead in a background thread.
-
-    Building a batch (gathering rows, uint8 -> float, resizing; decoding for streams) is mostly
-    numpy and torch work that releases the GIL, so it overlaps the model's step instead of adding
-    to it. An error in the thread is raised here, at the step that needed the batch.
-    """
-    if depth <= 0:
-        yield from batches
-        return
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                if not offer(("batch", batch)):
-                    return
-            offer(("end", None))
-        except BaseException as err:  # handed to the consumer, raised there
-            offer(("error", err))
-
-    worker = threading.Thread(target=work, name="threetowers-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return
-            yield value
-    finally:
-        stop.set()
-        worker.join(timeout=5)
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
+    """One epoch's row order, drawn once per epoch, not per step (11 ms per step at a million rows)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    perm.flags.writeable = False  # shared by every step of the epoch
+    return perm
 
 
 class ArrayTrainData:

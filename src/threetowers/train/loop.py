@@ -44,7 +44,6 @@ from .distributed import (
     DistInfo, all_mean, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
     world_size_from_env, wrap_model,
 )
-from ..data.loader import prefetched
 from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -365,7 +364,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
 
         return on_main(info, lambda: str(save_checkpoint(out, step, write, tc.keep_checkpoints)))
 
-    batches = prefetched(iter(job.data.batches(start)), cfg.data.prefetch)
+    batches: Iterator[dict] = iter(job.data.batches(start))
     try:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
@@ -433,7 +432,6 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
 
         on_main(info, write_final)
     finally:
-        batches.close()  # stops the prefetch thread
         logger.close()
     model.eval()
     curve = read_metrics(out) if info.is_main else []
