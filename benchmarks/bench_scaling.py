@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table  # noqa: E402
 
 CPU_PRESET = [
-    "model.method=clip", "model.embed_dim=128", "model.image.image_size=32", "model.image.patch_size=4",
+    "model.embed_dim=128", "model.image.image_size=32", "model.image.patch_size=4",
     "model.image.width=192", "model.image.depth=6", "model.image.heads=3", "model.text.vocab_size=4096",
     "model.text.context_length=32", "model.text.width=256", "model.text.depth=4", "model.text.heads=4",
     "data.world.image_size=32", "data.world.num_pairs=6000", "train.batch_size=256", "train.precision=bf16",
@@ -48,7 +48,7 @@ CPU_PRESET = [
 
 
 def train_run(out: Path, processes: int, threads: int, steps: int, log_every: int, world_cache: str) -> dict:
-    args = ["train", *CPU_PRESET, f"train.output_dir={out}", f"train.steps={steps}", f"train.log_every={log_every}",
+    args = ["train", "clip", *CPU_PRESET, f"train.output_dir={out}", f"train.steps={steps}", f"train.log_every={log_every}",
             f"train.threads={threads}", f"data.world.cache_dir={world_cache}"]
     if processes == 1:
         cmd = [sys.executable, "-m", "threetowers", *args]
