@@ -245,11 +245,16 @@ class FashionMNISTSource:
     def identity(self) -> str:
         return "fashion_mnist-" + "-".join(str(p.stat().st_size) for p in self._files.values())
 
+    def arrays(self, heldout: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The plain dataset: uint8 grey images [N, 28, 28] and int64 labels of the train or test split."""
+        split = "test" if heldout else "train"
+        images = _read_idx(self._files[split], 16).reshape(-1, 28, 28)
+        return images, _read_idx(self._files[split + "_labels"], 8).astype(np.int64)
+
     def _split(self, heldout: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         split = "test" if heldout else "train"
         if split not in self._data:
-            images = _read_idx(self._files[split], 16).reshape(-1, 28, 28)
-            labels = _read_idx(self._files[split + "_labels"], 8)
+            images, labels = self.arrays(heldout)
             self._data[split] = (images, [np.flatnonzero(labels == c) for c in range(10)])
         return self._data[split]
 

@@ -8,7 +8,6 @@ The same `run_tasks` serves `threetowers eval`, the trainer's periodic hook and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -66,27 +65,10 @@ def build_tasks(cfg: Config, names: list[str] | None = None) -> dict[str, Task]:
 
 def folder_task(root: str, image_size: int, max_images: int) -> LabelledSet:
     """Zero-shot classification over a folder with one subfolder per class (names = subfolder names)."""
-    from ..data.transforms import decode_rgb, image_transform
+    from ..data.folders import class_folder
 
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"eval task zeroshot:{root}: {root} is not a folder of class subfolders")
-    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root_path / name).iterdir()) if f.is_file()]
-    if not files:
-        raise ValueError(f"eval task zeroshot:{root}: no images in its subfolders")
-    rng = np.random.default_rng(0)
-    files = [files[i] for i in sorted(rng.permutation(len(files))[:max_images])]
-    to_tensor = image_transform(image_size)
-    images, labels = [], []
-    for path, label in files:
-        try:
-            images.append(to_tensor(decode_rgb(path)))
-        except Exception:  # unreadable images are skipped, as in training data
-            continue
-        labels.append(label)
-    arr = (torch.stack(images).permute(0, 2, 3, 1) * 255).round().byte().numpy()
-    return LabelledSet(arr, np.array(labels), [c.replace("_", " ") for c in classes],
+    data = class_folder(root, image_size, max_images, seed=0, what=f"eval task zeroshot:{root}")
+    return LabelledSet(data.images, data.labels, [c.replace("_", " ") for c in data.class_names],
                        ["a photo of a {}.", "a picture of a {}.", "an image of the {}."])
 
 

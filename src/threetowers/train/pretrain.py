@@ -37,50 +37,28 @@ def labelled_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
 
 def _fashion_mnist(n_train: int, n_heldout: int) -> tuple[LabelledSet, LabelledSet]:
     """The plain Fashion-MNIST classification task (train split / test split), grey images as RGB."""
-    from ..data.sprites import FASHION_CLASSES, FASHION_DIR, FashionMNISTSource, _read_idx
+    from ..data.sprites import FashionMNISTSource
 
-    FashionMNISTSource(FASHION_DIR)  # raises a clear message (how to install) when the files are missing
+    source = FashionMNISTSource()  # a clear message (how to install) when the files are missing
 
-    def split(prefix: str, n: int) -> LabelledSet:
-        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n]
-        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int64)
-        return LabelledSet(np.repeat(images[..., None], 3, axis=-1), labels, list(FASHION_CLASSES))
+    def split(heldout: bool, n: int) -> LabelledSet:
+        images, labels = source.arrays(heldout)
+        return LabelledSet(np.repeat(images[:n, ..., None], 3, axis=-1), labels[:n], list(source.classes))
 
-    return split("train", n_train), split("t10k", n_heldout)
+    return split(False, n_train), split(True, n_heldout)
 
 
 def _folder(root: str, size: int, n_train: int, n_heldout: int, seed: int) -> tuple[LabelledSet, LabelledSet]:
-    """A folder with one subfolder per class; a seeded split into held-out and train images.
-    Unreadable images are skipped and counted."""
-    from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    """A folder with one subfolder per class; a seeded split into held-out and train images."""
+    from ..data.folders import class_folder
 
-    path = Path(root)
-    if not path.is_dir():
-        raise ValueError(f"pretrain.dataset=folder:{root}: {root} is not a directory (expected one subfolder per class)")
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if len(classes) < 2:
-        raise ValueError(f"pretrain.dataset=folder:{root} needs at least 2 class subfolders, found {classes}")
-    samples = make_dataset(str(path), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
-    order = np.random.default_rng(seed).permutation(len(samples))
-    if len(order) <= n_heldout:
-        raise ValueError(f"pretrain.dataset=folder:{root} has {len(order)} images; pretrain.num_heldout={n_heldout} "
-                         "leaves none to train on")
-    chosen = [samples[i] for i in order[: n_heldout + n_train]]
-    images, labels, bad = [], [], []
-    for file, label in chosen:
-        try:
-            with Image.open(file) as img:
-                images.append(np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
-            labels.append(label)
-        except (OSError, ValueError) as err:
-            bad.append(f"{file} ({err})")
-    if bad:
-        print(f"skipped {len(bad)} unreadable images in {root}, e.g. {bad[0]}", flush=True)
-    images_arr, labels_arr = np.stack(images), np.asarray(labels, np.int64)
-    held = min(n_heldout, len(images) // 2)
-    return (LabelledSet(images_arr[held:], labels_arr[held:], classes),
-            LabelledSet(images_arr[:held], labels_arr[:held], classes))
+    data = class_folder(root, size, n_heldout + n_train, seed, f"pretrain.dataset=folder:{root}", min_classes=2)
+    held = min(n_heldout, len(data.labels) // 2)
+    if len(data.labels) - held < 1:
+        raise ValueError(f"pretrain.dataset=folder:{root} has {len(data.labels)} readable images; "
+                         f"pretrain.num_heldout={n_heldout} leaves none to train on")
+    return (LabelledSet(data.images[held:], data.labels[held:], data.class_names),
+            LabelledSet(data.images[:held], data.labels[:held], data.class_names))
 
 
 def heldout_top1(model: nn.Module, heldout: LabelledSet, image_size: int, batch_size: int) -> float:
