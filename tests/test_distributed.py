@@ -55,6 +55,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
             results.append(loss_and_grads(model, local, accum, info))
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ process. gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def shutdown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
+        # Drop finished collectives' work objects (they hold tensors) while the interpreter is fully
+        # alive: freed later, at exit, gloo's threads can abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

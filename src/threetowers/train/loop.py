@@ -41,7 +41,7 @@ from .checkpoint import (
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state, write_text_atomic,
 )
 from .distributed import (
-    DistInfo, all_mean, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
+    DistInfo, all_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
     world_size_from_env, wrap_model,
 )
 from .logging import RunLogger, read_metrics
@@ -431,6 +431,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             logger.write(f"{job.name} done: step {max(start, tc.steps)}, model in {model_dir}")
 
         on_main(info, write_final)
+        barrier(info)  # every rank done before any rank tears the process group down
     finally:
         logger.close()
     model.eval()
