@@ -2,7 +2,7 @@
 
 import json
 
-from threetowers.experiments.demo import load_demo_config, run_demo
+from threetowers.experiments.demo import load_demo_config, run_config, run_demo
 
 TINY_RUN = [
     "model.embed_dim=16", "model.image.image_size=24", "model.image.patch_size=8", "model.image.width=32",
@@ -50,6 +50,10 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
     assert "train.steps=100" in demo.overrides  # the preset's own overrides are kept
     with pytest.raises(ConfigError, match="did you mean loss.weights"):
         load_demo_config("demo/quick", run_overrides=["loss.wieghts=1"])
+    heads = load_demo_config("demo/quick", run_overrides=["model.third.heads=per_term"])  # an ablation of h
+    assert run_config(heads, "3t", "object", 0, ["model.third.source=checkpoint", "model.third.path=h"]
+                      ).model.third.heads == "per_term"
+    assert run_config(heads, "clip", None, 0).model.third.heads == "none"  # CLIP has no h to change
     with pytest.raises(ConfigError, match="--run key=value"):
         load_demo_config("demo/full", ["overrides=[loss.weights=[0.5,0.25,0.25]]"])
 

@@ -54,7 +54,8 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
         raise ConfigError(str(err).splitlines()[0] + hint) from None
     demo: DemoConfig = OmegaConf.to_object(merged)
     demo.overrides += list(run_overrides or [])
-    load_config(demo.base, demo.overrides)  # a bad run setting fails here, before any work
+    # A bad run setting fails here, before any work: checked on a 3T run, which has every part.
+    load_config(demo.base, ["model.method=3t", "model.third.source=checkpoint", "model.third.path=h", *demo.overrides])
     unknown = [t for t in demo.thirds if t not in ALIGNED]
     if unknown:
         raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
@@ -73,7 +74,7 @@ def run_demo(demo: DemoConfig) -> dict:
     out = Path(demo.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base = load_config(demo.base, demo.overrides)
+    base = load_config(demo.base, shared_overrides(demo, "clip"))  # the world and the eval settings
 
     # 1. the world (rendered once into the on-disk cache, then reused) and the evaluation sets
     t0 = time.perf_counter()
@@ -142,12 +143,16 @@ def world_overrides(cfg: Config) -> list[str]:
 def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, third_cfg: list[str] | None = None) -> Config:
     out = Path(demo.output_dir)
     name = method if third is None else f"{method}_{third}"
-    # An ablation of h's options (model.third.*) leaves the CLIP baseline, which has no h, as it is.
-    overrides = [o for o in demo.overrides if method != "clip" or not o.startswith("model.third.")]
     return load_config(demo.base, [
         f"model.method={method}", f"train.seed={seed}", f"train.output_dir={out / 'runs' / f'{name}_seed{seed}'}",
-        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *overrides,
+        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *shared_overrides(demo, method),
     ])
+
+
+def shared_overrides(demo: DemoConfig, method: str) -> list[str]:
+    """The demo's run overrides for `method`: an ablation of h's options (model.third.*) leaves
+    CLIP, which has no h, as it is."""
+    return [o for o in demo.overrides if method != "clip" or not o.startswith("model.third.")]
 
 
 def split_mixing(results: dict[str, float]) -> tuple[dict, dict]:
