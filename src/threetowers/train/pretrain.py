@@ -53,10 +53,7 @@ def _folder(root: str, size: int, n_train: int, n_heldout: int, seed: int) -> tu
     from ..data.folders import class_folder
 
     data = class_folder(root, size, n_heldout + n_train, seed, f"pretrain.dataset=folder:{root}", min_classes=2)
-    held = min(n_heldout, len(data.labels) // 2)
-    if len(data.labels) - held < 1:
-        raise ValueError(f"pretrain.dataset=folder:{root} has {len(data.labels)} readable images; "
-                         f"pretrain.num_heldout={n_heldout} leaves none to train on")
+    held = min(n_heldout, len(data.labels) // 2)  # a small folder: half of it held out
     return (LabelledSet(data.images[held:], data.labels[held:], data.class_names),
             LabelledSet(data.images[:held], data.labels[:held], data.class_names))
 
