@@ -126,8 +126,7 @@ def run_demo(demo: DemoConfig) -> dict:
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
                          "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
-    header = (f"# threetowers demo\n\nCommand: `threetowers demo{'' if demo.base == 'demo/base' else ' ...'}` "
-              f"(seeds {list(demo.seeds)}); machine: {machine()}\n")
+    header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\nMachine: {machine()}\n"
     print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, header, timings))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     _log(f"wrote {out / 'results.md'}, results.json and plots")
@@ -165,6 +164,17 @@ def split_mixing(results: dict[str, float]) -> tuple[dict, dict]:
             alpha, metric = rest.split("/", 1)
             mixing.setdefault(alpha, {})[f"{task}/{metric}"] = value
     return metrics, mixing
+
+
+def settings_line(demo: DemoConfig) -> str:
+    """What this demo ran, for the report's header: enough to run it again."""
+    line = (f"presets {demo.base} and {demo.pretrain}; seeds {list(demo.seeds)}; third towers {list(demo.thirds)}; "
+            f"methods {list(demo.methods)}")
+    if demo.overrides:
+        line += "; every run with " + ", ".join(f"`{o}`" for o in demo.overrides)
+    if demo.pretrain_overrides:
+        line += "; pretraining with " + ", ".join(f"`{o}`" for o in demo.pretrain_overrides)
+    return line
 
 
 def machine() -> str:
