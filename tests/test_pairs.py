@@ -12,9 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from threetowers.config import Config, DataConfig, load_config
-from threetowers.data.pairs import (
-    BadDataError, CsvPairs, ShardPairs, StreamTrainData, build_pairs_dataset, collate, load_csv_arrays,
-)
+from threetowers.data.loader import StreamTrainData
+from threetowers.data.pairs import BadDataError, CsvPairs, ShardPairs, build_pairs_dataset, collate, load_csv_arrays
 from threetowers.data.transforms import decode_rgb, image_transform
 
 S = 16  # training image size in these tests

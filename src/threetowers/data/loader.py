@@ -5,7 +5,7 @@ CSV files the batch at step s is a pure function of (seed, s, rank): a seeded pe
 epoch over the rows, sliced by step. Resuming at step s therefore sees exactly the batches an
 uninterrupted run would have seen, with no loader state to save. Webdataset shards stream; on
 resume their sample order is re-seeded from the step (the usual webdataset trade-off: statistically
-equivalent, not bit-identical).
+equivalent, not bit-identical). `ArrayTrainData` serves the first kind, `StreamTrainData` shards.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -142,8 +142,6 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
         images, captions, keys = load_csv_arrays(cfg.data, cfg.model.image.image_size)
         ds_id = dataset_id("csv", str(Path(cfg.data.path).resolve()), len(keys), keys[:3], keys[-3:])
     else:
-        from .pairs import StreamTrainData
-
         return StreamTrainData(cfg, rank, world_size, third)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir))
     tokens = tokenizer(captions)
@@ -158,3 +156,54 @@ def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1, 
     keys = [f"{key_prefix}-{i:07d}" for i in range(len(train.labels))]
     return ArrayTrainData(train.images, {"label": torch.as_tensor(train.labels, dtype=torch.long)}, keys, cfg,
                           rank, world_size, image_size)
+
+
+class StreamTrainData:
+    """Webdataset shards as training batches by step: `{"image", "keys", "tokens"}` for this rank.
+
+    The shards stream through a DataLoader (`data.num_workers`); on resume at step s the sample order
+    is re-seeded from s (statistically equivalent to the uninterrupted run, not identical). Without
+    `data.resampled` the shards are read epoch after epoch, forever. h's embeddings cannot be cached
+    by row for a stream, so lit/3t need `data.third_embeddings=online` (the trainer runs h).
+    """
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, third: Any = None) -> None:
+        if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
+            raise ValueError(
+                f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "
+                f"model.method={cfg.model.method}; set data.third_embeddings=online"
+            )
+        from .pairs import ShardPairs, stream_captions  # webdataset is imported only for streams
+
+        self.per_rank = cfg.train.batch_size // world_size
+        self.num_workers = cfg.data.num_workers
+        self.dataset = ShardPairs(
+            cfg.data.path, cfg.model.image.image_size, augment=cfg.data.augment, resampled=cfg.data.resampled,
+            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank, world_size=world_size,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        # A generator: the shards are only read if a tokenizer has to be trained.
+        self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir)
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        from torch.utils.data import DataLoader
+
+        from .pairs import collate
+
+        for restart in itertools.count():
+            self.dataset.set_epoch(start_step + restart)  # also seeds the order: a resume gets a fresh one
+            loader = DataLoader(self.dataset, batch_size=self.per_rank, num_workers=self.num_workers,
+                                collate_fn=collate, drop_last=True)
+            empty = True
+            for batch in loader:
+                empty = False
+                self.dataset.counter.merge(batch["bad_counts"])
+                yield {"image": batch["image"], "keys": batch["key"], "tokens": self.tokenizer(batch["caption"])}
+            if empty:
+                raise ValueError(
+                    f"data.path={self.dataset.urls[0]!r}...: this rank got fewer than one batch "
+                    f"({self.per_rank} samples) from its shards; use more shards or data.resampled=true"
+                )
+
+    def bad_samples(self) -> dict[str, int]:
+        return dict(self.dataset.counter.totals()[1])

@@ -1,7 +1,8 @@
 """Real image-text pairs: webdataset tar shards and CSV/TSV files, read the same way.
 
-`build_pairs_dataset` makes a dataset from `DataConfig`; `load_csv_arrays` and `StreamTrainData`
-serve the step-indexed training data of `threetowers.data.loader`.
+`build_pairs_dataset` makes a dataset from `DataConfig`; `load_csv_arrays` (a CSV decoded once
+into arrays) and `stream_captions` (captions for the tokenizer) serve the step-indexed training
+data of `threetowers.data.loader`, which also holds `StreamTrainData` for shards.
 
 Every reader yields samples `{"image": float [3, S, S] in [0, 1], "caption": str, "key": str,
 "bad_counts": ...}` made by the same `decode_rgb` + `image_transform`; `collate` batches them.
@@ -34,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from threetowers.config import Config, DataConfig
+from threetowers.config import DataConfig
 from threetowers.data.transforms import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, image_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats, in preference order
@@ -510,50 +511,3 @@ def stream_captions(urls: Sequence[str], limit: int = TOKENIZER_CAPTIONS) -> Ite
             continue
         count += 1
         yield text
-
-
-class StreamTrainData:
-    """Webdataset shards as training batches by step: `{"image", "keys", "tokens"}` for this rank.
-
-    The shards stream through a DataLoader (`data.num_workers`); on resume at step s the sample order
-    is re-seeded from s (statistically equivalent to the uninterrupted run, not identical). Without
-    `data.resampled` the shards are read epoch after epoch, forever. h's embeddings cannot be cached
-    by row for a stream, so lit/3t need `data.third_embeddings=online` (the trainer runs h).
-    """
-
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, third: Any = None) -> None:
-        if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
-            raise ValueError(
-                f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "
-                f"model.method={cfg.model.method}; set data.third_embeddings=online"
-            )
-        from threetowers.data.loader import load_or_train_tokenizer  # loader imports this module lazily
-
-        self.per_rank = cfg.train.batch_size // world_size
-        self.num_workers = cfg.data.num_workers
-        self.dataset = ShardPairs(
-            cfg.data.path, cfg.model.image.image_size, augment=cfg.data.augment, resampled=cfg.data.resampled,
-            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank, world_size=world_size,
-            max_bad_fraction=cfg.data.max_bad_fraction,
-        )
-        # A generator: the shards are only read if a tokenizer has to be trained.
-        self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir)
-
-    def batches(self, start_step: int) -> Iterator[dict]:
-        for restart in itertools.count():
-            self.dataset.set_epoch(start_step + restart)  # also seeds the order: a resume gets a fresh one
-            loader = DataLoader(self.dataset, batch_size=self.per_rank, num_workers=self.num_workers,
-                                collate_fn=collate, drop_last=True)
-            empty = True
-            for batch in loader:
-                empty = False
-                self.dataset.counter.merge(batch["bad_counts"])
-                yield {"image": batch["image"], "keys": batch["key"], "tokens": self.tokenizer(batch["caption"])}
-            if empty:
-                raise ValueError(
-                    f"data.path={self.dataset.urls[0]!r}...: this rank got fewer than one batch "
-                    f"({self.per_rank} samples) from its shards; use more shards or data.resampled=true"
-                )
-
-    def bad_samples(self) -> dict[str, int]:
-        return dict(self.dataset.counter.totals()[1])
