@@ -90,3 +90,18 @@ def test_a_mismatching_cache_is_refused(tmp_path):
 def test_cache_dir_separates_third_towers(tmp_path):
     a, b = fake_third().info(), fake_third(seed=7).info()
     assert cache_dir_for(tmp_path, a, "ds") != cache_dir_for(tmp_path, b, "ds")
+
+
+def test_world_training_batches_carry_cached_h_rows_and_lit_skips_the_pixels(tmp_path):
+    from conftest import tiny_config
+    from threetowers.data.loader import build_train_data
+
+    third = fake_third()
+    common = ["data.world.num_pairs=48", "data.world.image_size=24", "train.batch_size=8",
+              f"data.world.cache_dir={tmp_path / 'world'}", f"data.cache_dir={tmp_path / 'cache'}",
+              f"train.output_dir={tmp_path / 'run'}", "model.text.vocab_size=300"]
+    three = build_train_data(tiny_config("3t", *common), third=third).batch(3)
+    lit = build_train_data(tiny_config("lit", *common), third=third).batch(3)  # reuses the cache
+    assert three["image"].shape == (8, 3, 16, 16) and "image" not in lit  # LiT on cached h needs no pixels
+    assert torch.equal(lit["third"], three["third"]) and lit["keys"] == three["keys"]
+    assert torch.allclose(three["third"], third(three["image"]), atol=2e-2)  # the rows are h of this batch

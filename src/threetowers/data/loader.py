@@ -49,13 +49,14 @@ class ArrayTrainData:
 
     def __init__(self, images: np.ndarray, columns: dict[str, torch.Tensor], keys: list[str], cfg: Config,
                  rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                 third_cache: FeatureCache | None = None, tokenizer=None):
+                 third_cache: FeatureCache | None = None, tokenizer=None, with_images: bool = True):
         self.images, self.columns, self.keys = images, columns, keys
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.world_size = rank, world_size
         self.image_size = image_size or images.shape[1]
         self.third_cache = third_cache
         self.tokenizer = tokenizer
+        self.with_images = with_images  # False: LiT on cached h never looks at the pixels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -63,11 +64,13 @@ class ArrayTrainData:
     def batch(self, step: int) -> dict:
         per_rank = self.batch_size // self.world_size
         idx = global_indices(self.seed, step, self.batch_size, len(self))[self.rank * per_rank:(self.rank + 1) * per_rank]
-        # Sorted reads are kinder to a memory-mapped array; the order within a batch is restored.
-        order = np.argsort(idx)
-        images = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
-        images[order] = self.images[idx[order]]
-        batch = {"image": resize_batch(as_float(images), self.image_size), "keys": [self.keys[i] for i in idx]}
+        batch = {"keys": [self.keys[i] for i in idx]}
+        if self.with_images:
+            # Sorted reads are kinder to a memory-mapped array; the order within a batch is restored.
+            order = np.argsort(idx)
+            images = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
+            images[order] = self.images[idx[order]]
+            batch["image"] = resize_batch(as_float(images), self.image_size)
         for name, column in self.columns.items():
             batch[name] = column[idx]
         if self.third_cache is not None:
@@ -146,8 +149,8 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
-    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size,
-                          cfg.model.image.image_size, cache, tokenizer)
+    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cfg.model.image.image_size,
+                          cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None)
 
 
 def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1, image_size: int | None = None,
