@@ -36,7 +36,7 @@ from threetowers.config import load_config  # noqa: E402
 from threetowers.data.loader import build_train_data, global_indices  # noqa: E402
 from threetowers.data.world import World  # noqa: E402
 from threetowers.models.classifier import Classifier, save_classifier  # noqa: E402
-from threetowers.models.model import write_json_atomic  # noqa: E402
+from threetowers.atomic import write_json_atomic  # noqa: E402
 from threetowers.models.third_tower import load_third_tower  # noqa: E402
 from threetowers.train.loop import train  # noqa: E402
 

@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, machine, print_table, resident_bytes, step_peak_mib, summary, MIB  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.models.model import ThreeTowers, write_json_atomic  # noqa: E402
+from threetowers.atomic import write_json_atomic  # noqa: E402
+from threetowers.models.model import ThreeTowers  # noqa: E402
 from threetowers.models.third_tower import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
 from threetowers.models.vit import VisionTransformer  # noqa: E402
 from threetowers.train.optim import build_optimizer  # noqa: E402

@@ -205,11 +205,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .data.tokenizer import Tokenizer
     from .eval.tasks import build_tasks, run_tasks
+    from .atomic import write_json_atomic
     from .models.model import load_model, read_model_meta
 
     directory = Path(args.model)
@@ -228,9 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in results.items():
         print(f"{key:<{width}}  {100 * value:6.2f}")
     out = Path(args.out) if args.out else directory / "eval.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out)
+    write_json_atomic(out, results)
     print(f"wrote {out}")
     return 0
 

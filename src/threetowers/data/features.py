@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.model import write_json_atomic
+from ..atomic import atomic_path, write_json_atomic, write_text_atomic
 
 CACHE_FORMAT = "threetowers-feature-cache"
 
@@ -107,12 +107,10 @@ def build_feature_cache(
             with torch.no_grad():
                 chunks.append(third(images(s, min(s + batch_size, stop))).float().cpu().numpy().astype(np.float16))
             bar.update(chunks[-1].shape[0])
-        tmp = path.with_name(path.stem + ".tmp.npy")
-        np.save(tmp, np.concatenate(chunks))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, np.concatenate(chunks))
     bar.close()
-    (directory / ".keys.json.tmp").write_text(json.dumps(keys))
-    (directory / ".keys.json.tmp").replace(directory / "keys.json")
+    write_text_atomic(directory / "keys.json", json.dumps(keys))
     write_json_atomic(manifest_path, {**expected, "complete": True, "shards": len(starts)})
     return FeatureCache(directory, expected)
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import textwrap
-import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from threetowers.atomic import atomic_path, write_text_atomic
 from threetowers.config import WorldConfig
 from threetowers.data.sets import CaptionedSet, LabelledSet
 from threetowers.data.sprites import ANGLES, EXTENT, SCENES, Backdrop, make_source
@@ -397,23 +397,18 @@ class World:
         loaded = self._load(npy, meta, stream, recipe, n)
         if loaded is not None:
             return loaded
-        tmp = npy.with_name(f".{npy.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         records: list[dict] = []
         try:
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:  # streamed chunk by chunk: memory stays bounded for any n
+            # Streamed chunk by chunk: memory stays bounded for any n. The images first, then the
+            # records: a set counts as cached only once both exist and agree (see _load).
+            with atomic_path(npy) as tmp, open(tmp, "wb") as f:
                 shape = (n, self.cfg.image_size, self.cfg.image_size, 3)
                 np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
                 f.writelines(chunk.tobytes() for chunk in self._chunks(stream, recipe, n, records))
-            os.replace(tmp, npy)
-            tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-            tmp_meta.write_text(json.dumps({"hash": self.hash, "stream": stream, "n": n, "records": records}))
-            os.replace(tmp_meta, meta)
+            write_text_atomic(meta, json.dumps({"hash": self.hash, "stream": stream, "n": n, "records": records}))
         except OSError as err:
             warnings.warn(f"world cache {npy.parent} is not writable ({err}); rendering {n} images in memory")
             return self._in_memory(stream, recipe, n)
-        finally:
-            tmp.unlink(missing_ok=True)
         return np.load(npy, mmap_mode="c"), records
 
     def _chunks(self, stream: str, recipe: _Recipe, n: int, records: list[dict]) -> Iterator[np.ndarray]:
@@ -544,8 +539,5 @@ class World:
             ax.set_title("\n".join(textwrap.wrap(texts[i][0], 30)), fontsize=7, color=texts[i][1])
             ax.axis("off")
         fig.tight_layout()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.checkpoint import write_text_atomic
+from ..atomic import write_text_atomic
 
 # Headline metrics of the table, in order: (key in the metrics dict, column title).
 COLUMNS = [

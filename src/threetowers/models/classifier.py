@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ImageTowerConfig
-from .model import MODEL_FORMAT, save_safetensors_atomic, write_json_atomic
+from ..atomic import write_json_atomic
+from .model import MODEL_FORMAT, save_safetensors_atomic
 from .third_tower import Preprocessing
 from .towers import build_image_tower
 from .weights import load_weights

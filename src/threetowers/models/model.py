@@ -9,7 +9,6 @@ LiT. h is not used at inference for CLIP and 3T.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path, write_json_atomic
 from ..config import Config, from_dict, to_dict
 from ..data.sets import resize_batch
 from ..losses import TermLoss, method_terms
@@ -203,22 +203,7 @@ def load_model(directory: str | Path, with_third: bool | None = None) -> ThreeTo
     return model.eval()
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    _fsync_replace(tmp, path)
-
-
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write tensors (contiguous, on CPU) to a safetensors file via a temp file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    """Write tensors (contiguous, on CPU) to a safetensors file atomically."""
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))

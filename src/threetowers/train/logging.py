@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from ..atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -141,6 +142,4 @@ def _truncate_after(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError):
                 continue  # a torn last line from a kill mid-write
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

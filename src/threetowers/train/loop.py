@@ -35,10 +35,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..atomic import write_text_atomic
 from ..config import Config, ConfigError, load_config, to_dict, to_yaml, validate
 from .checkpoint import (
     TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
-    load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state, write_text_atomic,
+    load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
 )
 from .distributed import (
     DistInfo, all_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
