@@ -50,10 +50,12 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
     assert "train.steps=100" in demo.overrides  # the preset's own overrides are kept
     with pytest.raises(ConfigError, match="did you mean loss.weights"):
         load_demo_config("demo/quick", run_overrides=["loss.wieghts=1"])
-    heads = load_demo_config("demo/quick", run_overrides=["model.third.heads=per_term"])  # an ablation of h
+    heads = load_demo_config("demo/quick", ["methods=[clip,3t]"], run_overrides=["model.third.heads=per_term"])
     assert run_config(heads, "3t", "object", 0, ["model.third.source=checkpoint", "model.third.path=h"]
                       ).model.third.heads == "per_term"
     assert run_config(heads, "clip", None, 0).model.third.heads == "none"  # CLIP has no h to change
+    with pytest.raises(ConfigError, match="model.method=lit has one term"):  # every method's run is checked
+        load_demo_config("demo/quick", ["methods=[lit,3t]"], run_overrides=["model.third.heads=per_term"])
     with pytest.raises(ConfigError, match="--run key=value"):
         load_demo_config("demo/full", ["overrides=[loss.weights=[0.5,0.25,0.25]]"])
 
@@ -67,5 +69,5 @@ def test_failed_claims_get_hypotheses_with_their_ablation_commands():
     failed = {**held, "third": "imagenet", "held": False}
     plan = "\n".join(ablation_plan([held, failed]))
     assert "1 of 2 checks" in plan and "thirds=[imagenet]" in plan and "thirds=[imagenet,object]" not in plan
-    for _, run in HYPOTHESES:
+    for _, _, run in HYPOTHESES:
         assert run in plan

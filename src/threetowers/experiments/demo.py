@@ -54,8 +54,9 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
         raise ConfigError(str(err).splitlines()[0] + hint) from None
     demo: DemoConfig = OmegaConf.to_object(merged)
     demo.overrides += list(run_overrides or [])
-    # A bad run setting fails here, before any work: checked on a 3T run, which has every part.
-    load_config(demo.base, ["model.method=3t", "model.third.source=checkpoint", "model.third.path=h", *demo.overrides])
+    for method in demo.methods:  # a bad run setting fails here, before any work (h: a placeholder)
+        run_config(demo, method, None, 0, [] if method == "clip" else ["model.third.source=checkpoint",
+                                                                       "model.third.path=h"])
     unknown = [t for t in demo.thirds if t not in ALIGNED]
     if unknown:
         raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
