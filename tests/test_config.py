@@ -28,6 +28,12 @@ def test_overrides_and_yaml_files_with_defaults(tmp_path):
     assert cfg.loss.weights == [0.5, 0.25, 0.25]
 
 
+def test_an_empty_override_sets_the_empty_string():
+    cfg = load_config("3t", ["model.third.source=efficientnet_lite0", "model.third.path=", "model.third.name=a=b"])
+    assert cfg.model.third.path == "" and cfg.model.third.name == "a=b"  # the preset's checkpoint path is cleared
+    assert load_config("3t").model.third.path == "runs/pretrain/model"
+
+
 def test_unknown_keys_name_the_closest_valid_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' in overrides; did you mean optim.lr"):
         load_config("clip", ["optim.lrr=1e-3"])

@@ -164,7 +164,7 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
                                    "`train` does this by itself when needed; this command does it ahead of time. "
                                    "An interrupted build resumes.",
                        epilog="examples:\n  threetowers cache 3t\n"
-                              "  threetowers cache lit model.third.source=efficientnet_lite0 model.third.input_size=96",
+                              "  threetowers cache lit model.third.source=efficientnet_lite0 model.third.path= model.third.input_size=96",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.set_defaults(func=cmd_cache)
@@ -236,7 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _merge_overrides(base: dict, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(overrides)))
+    from .config import override_layer
+
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), override_layer(overrides)))
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:

@@ -360,13 +360,7 @@ def load_config(
                 _check_keys(layer, valid, "preset")
                 merged = OmegaConf.merge(merged, layer)
         if overrides:
-            if isinstance(overrides, dict):
-                layer = OmegaConf.create(overrides)
-            else:
-                bad = [o for o in overrides if "=" not in o]
-                if bad:
-                    raise ConfigError(f"override {bad[0]!r} must look like key.sub=value")
-                layer = OmegaConf.from_dotlist(list(overrides))
+            layer = override_layer(overrides)
             _check_keys(OmegaConf.to_container(layer), valid, "overrides")
             merged = OmegaConf.merge(merged, layer)
     except (ValidationError, ConfigKeyError) as err:
@@ -375,6 +369,17 @@ def load_config(
         raise ConfigError(str(err)) from None
     cfg: Config = OmegaConf.to_object(merged)
     return validate(cfg, world_size)
+
+
+def override_layer(overrides: list[str] | dict) -> DictConfig:
+    """`key.sub=value` strings (or a nested dict) as one OmegaConf layer. `key=` with nothing after
+    the `=` sets the empty string (OmegaConf alone would read it as null), e.g. model.third.path=."""
+    if isinstance(overrides, dict):
+        return OmegaConf.create(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like key.sub=value")
+    return OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides])
 
 
 def _preset_layers(path: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..config import Config, ConfigError, load_config, resolve_preset
+from ..config import Config, ConfigError, load_config, override_layer, resolve_preset
 from ..eval.tasks import WORLD_TASKS, build_tasks, run_tasks
 from .report import write_report
 
@@ -47,7 +47,7 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
     merged = OmegaConf.merge(OmegaConf.structured(DemoConfig), OmegaConf.load(resolve_preset(preset)))
     try:
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, override_layer(overrides))
     except Exception as err:  # OmegaConf names the key; keep the message, drop the traceback
         hint = ("; give run settings with nested lists as --run key=value (e.g. --run loss.weights=[0.5,0.25,0.25])"
                 if any(o.startswith("overrides=") for o in overrides or []) else "")

@@ -11,6 +11,10 @@ from torch import nn
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing pickled code (untrusted files are never unpickled)."""
     path = Path(path)
+    if path.is_dir():  # typically a preset's model.third.path (a saved model) kept after changing the source
+        raise FileNotFoundError(f"weights file {path} is a directory, not a weights file; a saved model directory "
+                                "is read by model.third.source=checkpoint (set model.third.path= to use a "
+                                "source's own default weights)")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import write_text_atomic
-from ..config import Config, ConfigError, load_config, to_dict, to_yaml, validate
+from ..config import Config, ConfigError, load_config, override_layer, to_dict, to_yaml, validate
 from .checkpoint import (
     TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
@@ -106,8 +106,7 @@ def resolve_config(cfg_or_preset: Config | str | Path, overrides: list[str] | di
         return load_config(cfg_or_preset, overrides, world_size=world_size)
     if not overrides:
         return validate(copy.deepcopy(cfg_or_preset), world_size)
-    layer = OmegaConf.create(overrides) if isinstance(overrides, dict) else OmegaConf.from_dotlist(list(overrides))
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg_or_preset)), layer)
+    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg_or_preset)), override_layer(overrides))
     return load_config(None, OmegaConf.to_container(merged), world_size=world_size)
 
 
