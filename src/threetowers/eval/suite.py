@@ -78,8 +78,9 @@ def evaluate(
     """Zero-shot metrics for each `LabelledSet`, retrieval Recall@k for each `CaptionedSet`.
 
     Keys: `{task}/top1`, `{task}/top5`, `{task}/mean_per_class_recall`, `{task}/i2t_R@1`, ...;
-    with mixing (model has `encode_image_third` and `encode_text_third`, `mixing_alphas` given)
-    also `{task}/mix@{alpha}/{metric}`. Models without the third-tower methods skip the sweep.
+    with mixing (`mixing_alphas` given, and a 3T model: `has_third_pair`, or for another object, one
+    with `encode_image_third` and `encode_text_third`) also `{task}/mix@{alpha}/{metric}`; other
+    models skip the sweep.
     An `nn.Module` is put in eval mode for the call and restored afterwards.
     """
     if batch_size < 1:
@@ -87,7 +88,9 @@ def evaluate(
     for name, task in tasks.items():
         if not isinstance(task, (LabelledSet, CaptionedSet)):
             raise ValueError(f"task {name!r}: expected a LabelledSet or CaptionedSet, got {type(task).__name__}")
-    mixing = bool(mixing_alphas) and hasattr(model, "encode_image_third") and hasattr(model, "encode_text_third")
+    # Our models say whether they hold the pair (3T); another object is asked for the two methods.
+    has_pair = getattr(model, "has_third_pair", hasattr(model, "encode_image_third") and hasattr(model, "encode_text_third"))
+    mixing = bool(mixing_alphas) and has_pair
     for a in mixing_alphas or ():
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"mixing_alphas must lie in [0, 1], got {a}")

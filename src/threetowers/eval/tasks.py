@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..config import Config
 from ..data.sets import CaptionedSet, LabelledSet
 from ..models.third_tower import reuse_third_features
-from .fewshot import fewshot_ridge
+from .fewshot import fewshot_eval
 from .suite import encode_images, evaluate
 
 WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene")
@@ -78,15 +77,13 @@ def csv_task(cfg: Config, path: str) -> CaptionedSet:
 
     data_cfg = type(cfg.data)(**{**vars(cfg.data), "source": "csv", "path": path, "augment": False})
     images, captions, keys = load_csv_arrays(data_cfg, cfg.model.image.image_size, progress=False)
-    first: dict[bytes, int] = {}
-    owner = []
-    kept = []
-    for i in range(len(captions)):
-        digest = images[i].tobytes()
-        if digest not in first:
-            first[digest] = len(kept)
+    first: dict[str, int] = {}  # image path (the row's key) -> index of its image
+    owner, kept = [], []
+    for i, key in enumerate(keys):
+        if key not in first:
+            first[key] = len(kept)
             kept.append(i)
-        owner.append(first[digest])
+        owner.append(first[key])
     return CaptionedSet(images[kept], list(captions), np.array(owner, dtype=np.int64))
 
 
@@ -101,19 +98,13 @@ def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_siz
 def _run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int,
                mixing_alphas: list[float] | None) -> dict[str, float]:
     plain = {n: t for n, t in tasks.items() if not isinstance(t, FewShotTask)}
-    alphas = mixing_alphas if getattr(model, "has_third_pair", False) else None
-    results = evaluate(model, tokenizer, plain, batch_size, alphas) if plain else {}
+    results = evaluate(model, tokenizer, plain, batch_size, mixing_alphas) if plain else {}
     for name, task in tasks.items():
-        if not isinstance(task, FewShotTask):
-            continue
-        test_x = encode_images(model, task.test.images, batch_size)  # once for every probe
-        by_shots: dict[int, list[float]] = {}
-        for (shots, _seed), train_set in task.train.items():
-            by_shots.setdefault(shots, []).append(fewshot_ridge(
-                encode_images(model, train_set.images, batch_size), torch.as_tensor(train_set.labels),
-                test_x, torch.as_tensor(task.test.labels)))
-        for shots, accs in by_shots.items():
-            results[f"{name}/{shots}shot"] = float(np.mean(accs))
+        if isinstance(task, FewShotTask):
+            shots, seeds = sorted({k for k, _ in task.train}), sorted({s for _, s in task.train})
+            scores = fewshot_eval(lambda images: encode_images(model, images, batch_size),  # the test set once
+                                  lambda k, seed, task=task: (task.train[k, seed], task.test), shots, seeds)
+            results.update({f"{name}/{k}shot": scores[f"{k}shot/mean"] for k in shots})
     return results
 
 
@@ -127,7 +118,6 @@ def trainer_hook(cfg: Config, tokenizer: Callable) -> Callable[[Any, int], dict]
     def hook(model: Any, step: int) -> dict:
         if not state:
             state["tasks"] = build_tasks(cfg, names)  # rendered once, on the first call
-        with torch.autocast("cpu", enabled=False):
-            return run_tasks(model, tokenizer, state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
+        return run_tasks(model, tokenizer, state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
 
     return hook

@@ -36,8 +36,7 @@ class ThreeTowers(nn.Module):
         m = cfg.model
         self.method = m.method
         self.terms = method_terms(m.method, cfg.loss.weights)
-        used = {name for t in self.terms for name in (t.a, t.b)}
-        self.inference_pair = ("third_g", "text_h") if m.method == "lit" else ("image", "text")
+        self.used = used = {name for t in self.terms for name in (t.a, t.b)}  # the named embeddings
 
         self.image_tower = build_image_tower(m.image) if used & {"image", "image_h"} else None
         self.text_tower = build_text_tower(m.text)
@@ -80,7 +79,7 @@ class ThreeTowers(nn.Module):
 
     def embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
         """All named embeddings the terms need, L2-normalised. batch: image, tokens, optional third."""
-        needed = {name for t in self.terms for name in (t.a, t.b)}
+        needed = self.used
         out: dict[str, torch.Tensor] = {}
         if needed & {"image", "image_h"}:
             f = self.image_tower(batch["image"])
@@ -110,8 +109,7 @@ class ThreeTowers(nn.Module):
         """Images in [0, 1] at any size (resized to the tower's) -> L2-normalised embeddings."""
         if self.method == "lit":
             return self.encode_image_third(images)
-        if self.cfg.model.image.kind == "vit":
-            images = resize_batch(images, self.cfg.model.image.image_size)
+        images = resize_batch(images, self.cfg.model.image.image_size)  # as in training, for any tower kind
         return F.normalize(self.proj_image(self.image_tower(images)).float(), dim=-1)
 
     @torch.no_grad()
@@ -190,17 +188,21 @@ def load_model(directory: str | Path, with_third: bool | None = None) -> ThreeTo
                          f"this model was trained with (weights fingerprint {third.fingerprint[:12]} vs "
                          f"{meta['third']['fingerprint'][:12]})")
     model = ThreeTowers(cfg, third=third, third_info=meta["third"])
+    load_weights(model, directory, meta)
+    return model.eval()
+
+
+def load_weights(model: ThreeTowers, directory: str | Path, meta: dict) -> None:
+    """The saved weights in `directory` into `model`, strictly, except h: it is not stored, and the
+    model keeps the h it was built with."""
     state = load_file(str(Path(directory) / "model.safetensors"))
     for alias, target in meta.get("aliases", {}).items():
         state[alias] = state[target]
-    if third is not None:
-        state.update({f"third.{k}": v for k, v in third.state_dict().items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("third.")]
     if missing or unexpected:
         raise ValueError(f"{directory}/model.safetensors does not fit its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    return model.eval()
 
 
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -19,7 +19,6 @@ bit for bit. On CPU a killed and resumed run ends with the same weights as an un
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -169,21 +168,14 @@ def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:
 
 def load_contrastive(model: nn.Module, directory: Path) -> None:
     """Weights of a saved ThreeTowers model into `model` (h is not stored; it must be the same h)."""
-    from safetensors.torch import load_file
+    from ..models.model import load_weights, read_model_meta
 
-    meta = json.loads((directory / "model.json").read_text())
+    meta = read_model_meta(directory)
     third = getattr(model, "third_info", None)
     if third and meta.get("third") and third["fingerprint"] != meta["third"]["fingerprint"]:
         raise CheckpointError(f"{directory} was trained with third tower {meta['third']['name']} (weights "
                               f"{meta['third']['fingerprint'][:12]}), not {third['name']} ({third['fingerprint'][:12]})")
-    state = load_file(str(directory / "model.safetensors"))
-    for alias, target in meta.get("aliases", {}).items():
-        state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("third.")]
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}/model.safetensors does not fit the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    load_weights(model, directory, meta)
 
 
 def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
