@@ -2,7 +2,8 @@
 
 Layout of a cache directory:
     manifest.json      h's identity (name, weights fingerprint, preprocessing, dim, dtype),
-                       the dataset's identity, the shard list; written last, atomically
+                       the dataset's identity, the shard list; written first with
+                       "complete": false, rewritten with "complete": true at the end (atomically)
     shard_00000.npy    float16 [rows, dim] embeddings, in key order
     keys.json          the sample keys, in row order
 

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -129,7 +129,8 @@ def rank0_first(make: Callable):
     return result if dist.get_rank() == 0 else make()
 
 
-def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ArrayTrainData:
+def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
+                     third=None) -> ArrayTrainData | StreamTrainData:
     """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, h's embeddings."""
     source = cfg.data.source
     if source == "world":
@@ -145,7 +146,7 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
         images, captions, keys = load_csv_arrays(cfg.data, cfg.model.image.image_size)
         ds_id = dataset_id("csv", str(Path(cfg.data.path).resolve()), len(keys), keys[:3], keys[-3:])
     else:
-        return StreamTrainData(cfg, rank, world_size, third)
+        return StreamTrainData(cfg, rank, world_size)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
@@ -153,10 +154,10 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None
                           cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None)
 
 
-def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                        key_prefix: str = "labelled") -> ArrayTrainData:
+def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1,
+                        image_size: int | None = None) -> ArrayTrainData:
     """Batches {"image", "label"} over a `LabelledSet`, for supervised pretraining of a third tower."""
-    keys = [f"{key_prefix}-{i:07d}" for i in range(len(train.labels))]
+    keys = [f"labelled-{i:07d}" for i in range(len(train.labels))]
     return ArrayTrainData(train.images, {"label": torch.as_tensor(train.labels, dtype=torch.long)}, keys, cfg,
                           rank, world_size, image_size)
 
@@ -170,7 +171,7 @@ class StreamTrainData:
     by row for a stream, so lit/3t need `data.third_embeddings=online` (the trainer runs h).
     """
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, third: Any = None) -> None:
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1) -> None:
         if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
             raise ValueError(
                 f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "

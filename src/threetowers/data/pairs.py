@@ -6,7 +6,7 @@ data of `threetowers.data.loader`, which also holds `StreamTrainData` for shards
 
 Every reader yields samples `{"image": float [3, S, S] in [0, 1], "caption": str, "key": str,
 "bad_counts": ...}` made by the same `decode_rgb` + `image_transform`; `collate` batches them.
-Captions stay text here; the trainer tokenizes a batch at once.
+Captions stay text here; the training data (`data.loader`) tokenizes them.
 
 Bad samples are skipped, never used, and counted by reason in a `BadSampleCounter`; each sample
 gets one reason, the cheapest check first (image member present, caption, then image decode).
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from threetowers.config import DataConfig
-from threetowers.data.transforms import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, image_transform
+from threetowers.data.transforms import DEFAULT_MAX_PIXELS, SampleError, decode_rgb, image_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats, in preference order
 MIN_SEEN = 100
@@ -44,15 +44,6 @@ MIN_SEEN = 100
 
 class BadDataError(ValueError):
     """Too many bad samples: the data (or its configuration) needs a look."""
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used; `reason` is a short machine-readable cause."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 # ----------------------------------------------------------------------------- counting
@@ -208,7 +199,7 @@ class _Decoder:
                 raise SampleError("missing_image", "no image")
             text = clean_caption(caption)
             rgb = decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side)
-        except (SampleError, ImageError) as err:
+        except SampleError as err:  # the caption's or the image's
             self.counter.bad(err.reason, where, err.detail)
             return None
         self.counter.ok()

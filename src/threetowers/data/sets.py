@@ -18,11 +18,13 @@ def as_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Float images [B, 3, H, W] -> [B, 3, size, size] (antialiased bilinear); a no-op at that size."""
+def resize_batch(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Float images [B, 3, H, W] -> [B, 3, size, size] (antialiased when bilinear or bicubic); a
+    no-op at that size."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    smooth = mode in ("bilinear", "bicubic")
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False if smooth else None, antialias=smooth)
 
 
 @dataclass

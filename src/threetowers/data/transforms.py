@@ -29,13 +29,17 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; `reason` is a short machine-readable cause."""
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is a short machine-readable cause (counted per reason)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ImageError(SampleError):
+    """A sample whose image cannot be used."""
 
 
 def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:

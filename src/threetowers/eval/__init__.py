@@ -1,6 +1,7 @@
 """Evaluation: zero-shot classification, image-text retrieval, few-shot probes, 3T/LiT score mixing.
 
-Every metric here is a pure function of embeddings; `suite.evaluate` connects them to models and data.
+Every metric here is a pure function of embeddings; `suite.evaluate` applies them to a model's
+embeddings of labelled and captioned sets, and `tasks.run_tasks` runs named tasks (few-shot included).
 """
 
 from threetowers.eval.fewshot import DEFAULT_L2, L2_GRID, fewshot_eval, fewshot_ridge, linear_probe, sample_shots

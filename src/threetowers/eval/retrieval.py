@@ -2,7 +2,7 @@
 
 Scores are (weighted sums of) dot products. With one pair `(image_emb, text_emb, 1.0)` this is
 plain CLIP/LiT retrieval; with `[(f, g, 1 - a), (h_g(h), g_h, a)]` it is the 3T/LiT score mixing
-s_a = (1 - a)<f, g> + a<h_g(h), g_h> of DESIGN.md. Both use `positive_ranks`, which never holds
+s_a = (1 - a)<f, g> + a<h_g(h), g_h> (the README's evaluation section). Both use `positive_ranks`, which never holds
 more than `chunk_size` rows of the score matrix. Each direction is its own pass (two matmuls of
 N x M x D): that way every rank compares scores from one row of one matmul, so ties are exact.
 

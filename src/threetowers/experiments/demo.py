@@ -21,7 +21,7 @@ from ..config import Config, ConfigError, load_config, override_layer, resolve_p
 from ..eval.tasks import WORLD_TASKS, build_tasks, run_tasks
 from .report import write_report
 
-# The third towers of the comparison: name -> (overrides of model.third, the task its labels match).
+# The third towers of the comparison: name -> the task its labels match ("none": neither).
 ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none"}
 
 
@@ -178,18 +178,23 @@ def settings_line(demo: DemoConfig) -> str:
     return line
 
 
-def machine() -> str:
-    import os
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what the platform module knows)."""
     import platform
 
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+    return platform.processor() or platform.machine()
 
+
+def machine() -> str:
+    """One line for a report: CPU, cores, GPU, torch."""
+    import os
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu_model()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"

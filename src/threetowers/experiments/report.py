@@ -68,8 +68,8 @@ def table(agg: dict, order: list[str]) -> str:
 
 
 def compare(agg: dict, a: str, b: str, metrics: tuple[str, ...]) -> tuple[float, bool] | None:
-    """Mean of (a − b) over `metrics`, and whether it exceeds the spread (the larger of the two
-    std's, combined over metrics) — i.e. whether the difference is larger than seed noise."""
+    """Mean of (a − b) over `metrics`, and whether it exceeds the spread (the two std's combined as
+    sqrt(std_a² + std_b²), averaged over metrics) — i.e. whether the difference is larger than seed noise."""
     if a not in agg or b not in agg or any(m not in agg[a] or m not in agg[b] for m in metrics):
         return None
     diff = float(np.mean([agg[a][m][0] - agg[b][m][0] for m in metrics]))

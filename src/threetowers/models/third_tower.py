@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..data.sets import resize_batch
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,7 @@ def preprocess(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """[0, 1] images at any size -> h's input: resized to prep.input_size and normalised."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"third tower expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-    if images.shape[-1] != prep.input_size or images.shape[-2] != prep.input_size:
-        images = F.interpolate(
-            images.float(), size=(prep.input_size, prep.input_size), mode=prep.interpolation,
-            align_corners=False, antialias=prep.interpolation in ("bilinear", "bicubic"),
-        )
+    images = resize_batch(images.float(), prep.input_size, prep.interpolation)
     mean = torch.tensor(prep.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
