@@ -34,7 +34,7 @@ from torch import nn
 
 from .classifier import load_classifier
 from .third_tower import FrozenImageModel, Preprocessing, register_source
-from .towers import timm_head_prefixes, create_timm
+from .towers import timm_pooled
 from .weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,19 +96,14 @@ def timm_source(cfg) -> FrozenImageModel:
         native = get_pretrained_cfg_value(cfg.name, "input_size") or (3, 224, 224)
         if cfg.input_size and cfg.input_size != native[-1] and get_pretrained_cfg_value(cfg.name, "fixed_input_size"):
             kwargs["dynamic_img_size"] = True
-    except RuntimeError:  # an unknown name: create_timm below says which names are close
+    except RuntimeError:  # an unknown name: creating the model below says which names are close
         pass
     try:
-        model = create_timm(cfg.name, pretrained_hub=download, **kwargs)
+        model, dim = timm_pooled(cfg.name, cfg.path, download, **kwargs)
     except TypeError:
         raise ValueError(f"timm model {cfg.name} only accepts {native[-1]} px images; set model.third.input_size=0 "
                          f"(or {native[-1]})") from None
-    if cfg.path:
-        # A classifier's file fits too: its head keys are dropped (the model has num_classes=0).
-        load_weights(model, cfg.path, what=f"timm model {cfg.name}", ignore_prefixes=timm_head_prefixes(model))
     pcfg = model.pretrained_cfg
-    # head_hidden_size: models with a pre-logits layer (e.g. MobileNetV3) output more than num_features.
-    dim = getattr(model, "head_hidden_size", None) or model.num_features
     prep = Preprocessing(
         int(pcfg.get("input_size", (3, 224, 224))[-1]),
         tuple(pcfg.get("mean", IMAGENET_MEAN)),

@@ -21,14 +21,8 @@ class TimmTower(nn.Module):
 
     def __init__(self, name: str, weights: str = "", pretrained_hub: bool = False):
         super().__init__()
-        self.model = create_timm(name, pretrained_hub=pretrained_hub)
-        if weights:
-            # Classifier weights fit too: the classifier head is dropped (num_classes=0).
-            load_weights(self.model, weights, what=f"timm model {name}", ignore_prefixes=timm_head_prefixes(self.model))
+        self.model, self.dim = timm_pooled(name, weights, pretrained_hub)
         cfg = self.model.pretrained_cfg
-        # Models with a pre-logits layer report it as head_hidden_size; that is what they output.
-        self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features
-        self.input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
 
@@ -40,6 +34,16 @@ def timm_head_prefixes(model: nn.Module) -> tuple[str, ...]:
     name = model.pretrained_cfg.get("classifier", "head")
     names = name if isinstance(name, (list, tuple)) else [name]
     return tuple(n + "." for n in names)
+
+
+def timm_pooled(name: str, weights: str = "", pretrained_hub: bool = False, **kwargs) -> tuple[nn.Module, int]:
+    """A timm model that outputs pooled pre-logits, with its output size. `weights`: a local file;
+    a classifier's file fits too (its head keys are dropped, the model has num_classes=0)."""
+    model = create_timm(name, pretrained_hub, **kwargs)
+    if weights:
+        load_weights(model, weights, what=f"timm model {name}", ignore_prefixes=timm_head_prefixes(model))
+    # Models with a pre-logits layer (e.g. MobileNetV3) report it as head_hidden_size; that is what they output.
+    return model, getattr(model, "head_hidden_size", None) or model.num_features
 
 
 def create_timm(name: str, pretrained_hub: bool = False, **kwargs) -> nn.Module:

@@ -184,10 +184,11 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
 
     `evaluate(model, step) -> {name: value}` runs on rank 0 every `eval.every` steps and at the end,
     on the unwrapped model in eval mode under no_grad; its results are logged as `eval/<name>`. The
-    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call; by default it is the
-    suite over `eval.tasks` (threetowers.eval.tasks.trainer_hook). `third` (a built h)
-    and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`) replace the
-    ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
+    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. When the data is
+    built from the config, the default is the suite over `eval.tasks`
+    (threetowers.eval.tasks.trainer_hook); with your own `data`, pass `evaluate` yourself. `third`
+    (a built h) and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`)
+    replace the ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
     """
     cfg = resolve_config(cfg_or_preset, overrides)
     info = init_distributed(cfg.train.device)
