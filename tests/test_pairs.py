@@ -348,7 +348,8 @@ def test_load_csv_arrays_skips_bad_rows_and_checks_the_whole_pass(tmp_path):
     path = csv_fixture(tmp_path)
     cfg = DataConfig(source="csv", path=str(path), image_column="filepath", caption_column="title")
     cfg.max_bad_fraction = 0.5
-    images, captions, keys = load_csv_arrays(cfg, S, progress=False)
+    images, captions, keys, bad, _ = load_csv_arrays(cfg, S, progress=False)
+    assert bad == {"unreadable_file": 1, "empty_caption": 1}
     assert images.dtype == np.uint8 and images.shape == (2, S, S, 3)
     assert images[0, 8, 8].tolist() == [255, 0, 0]  # PNG: exact
     assert np.abs(images[1, 8, 8].astype(int) - [0, 0, 255]).max() <= 2  # JPEG
@@ -400,4 +401,23 @@ def test_global_indices_visit_every_row_once_per_epoch_and_depend_only_on_the_st
     assert np.array_equal(global_indices(7, 3, batch, rows), seq[12:16])  # the same without the cache
     assert not np.array_equal(global_indices(8, 0, batch, rows), seq[:4])  # another seed, another order
     with pytest.raises(ValueError):
-        _epoch_permutation(7, 0, rows)[0] = 3  # shared between steps, so read-only
+        _epoch_permutation(7, 0, rows, batch)[0] = 3  # shared between steps, so read-only
+
+
+@pytest.mark.parametrize("rows,batch", [(1000, 128), (10, 4), (257, 128), (300, 100)])
+def test_no_batch_holds_a_row_twice_across_epoch_boundaries(rows, batch):
+    from threetowers.data.loader import global_indices
+
+    steps = 200
+    seq = np.concatenate([global_indices(3, s, batch, rows) for s in range(steps)])
+    for s in range(steps):
+        assert len(set(seq[s * batch:(s + 1) * batch])) == batch, f"step {s} holds a row twice"
+    for e in range(len(seq) // rows):  # and still every row once per epoch
+        assert sorted(seq[e * rows:(e + 1) * rows]) == list(range(rows))
+
+
+def test_too_few_rows_for_the_batch_is_refused():
+    from threetowers.data.loader import check_rows
+
+    with pytest.raises(ValueError, match="needs at least 256"):
+        check_rows(200, 128)

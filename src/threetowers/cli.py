@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = os.environ.get("THREETOWERS_DEBUG", "") not in ("", "0")
     from .train.checkpoint import CheckpointError
-    from .train.loop import TrainingStopped
+    from .train.loop import EvaluationFailed, TrainingStopped
 
     try:
         return args.func(args)
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"threetowers: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, TrainingStopped, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, TrainingStopped, EvaluationFailed, CheckpointError) as err:
         if debug:
             raise
         print(f"threetowers: error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ A whole run is one `Config`; methods (clip, lit, 3t) are presets of it, not code
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class ImageTowerConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     pool: str = "gap"  # cls | gap
+    pre_norm: bool = False  # a LayerNorm on the embedded patches before the first block (CLIP's ln_pre)
+    patch_bias: bool = True  # a bias in the patch embedding
+    init: str = "torch"  # torch (PyTorch's layer defaults) | clip (CLIP's scheme; see models/blocks.py)
     timm_name: str = ""  # kind=timm: model name, created with num_classes=0 (pooled features)
     weights: str = ""  # optional local weights file (safetensors or state dict) for kind=timm
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -56,6 +60,7 @@ class TextTowerConfig:
     mlp_ratio: float = 4.0
     causal: bool = True
     pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens)
+    init: str = "torch"  # torch (PyTorch's layer defaults) | clip (CLIP's scheme; see models/blocks.py)
 
 
 @dataclass
@@ -151,6 +156,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | PATH
     on_nonfinite: str = "stop"  # stop | skip
+    # With on_nonfinite=skip: stop anyway after this many skipped steps in a row, or in all.
+    max_consecutive_skips: int = 5
+    max_skipped_steps: int = 50
     log_every: int = 20
     progress: bool = True
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
@@ -202,6 +210,8 @@ _CHOICES = {
     "model.image.kind": ("vit", "timm"),
     "model.image.pool": ("cls", "gap"),
     "model.text.pool": ("eot", "mean"),
+    "model.image.init": ("torch", "clip"),
+    "model.text.init": ("torch", "clip"),
     "model.third.source": ("none", "checkpoint", "timm", "torchvision", "efficientnet_lite0", "callable"),
     "model.third.heads": ("none", "shared", "per_term"),
     "loss.kind": ("softmax", "sigmoid"),
@@ -218,7 +228,8 @@ _POSITIVE = (
     "model.text.width", "model.text.depth", "model.text.heads", "loss.init_scale", "train.steps",
     "train.batch_size", "train.grad_accum", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "data.world.num_pairs", "data.world.image_size", "optim.lr", "optim.eps",
-    "pretrain.num_images", "pretrain.num_heldout",
+    "pretrain.num_images", "pretrain.num_heldout", "model.image.mlp_ratio", "model.text.mlp_ratio",
+    "eval.num_images", "eval.retrieval_images", "eval.captions_per_image", "eval.batch_size",
 )
 # Inclusive ranges [low, high] for fields that must not go negative or past a bound.
 _RANGES = {
@@ -230,7 +241,17 @@ _RANGES = {
     "optim.min_lr_ratio": (0.0, 1.0),
     "train.threads": (0, float("inf")),
     "eval.every": (0, float("inf")),
+    "train.seed": (0, 2**32 - 1),
+    "train.max_consecutive_skips": (1, float("inf")),
+    "train.max_skipped_steps": (1, float("inf")),
+    "data.num_workers": (0, float("inf")),
+    "data.shuffle_buffer": (0, float("inf")),
+    "loss.max_scale": (0.0, float("inf")),
 }
+# Every float field must be a finite number (inf or nan would train nothing, silently).
+_FINITE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
+           "loss.init_bias", "model.image.mlp_ratio", "model.text.mlp_ratio", "data.max_bad_fraction",
+           "data.world.caption_noise")
 PRETRAIN_DATASETS = ("world_object", "world_scene", "fashion_mnist", "folder:PATH")
 
 
@@ -261,6 +282,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         value = _get(cfg, key)
         if not value > 0:
             raise ConfigError(f"{key}={value!r} must be > 0")
+    for key in _FINITE:
+        value = _get(cfg, key)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
     for key, (low, high) in _RANGES.items():
         value = _get(cfg, key)
         if not low <= value <= high:
@@ -296,8 +321,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             )
         if m.method == "lit" and m.third.heads == "per_term":
             raise ConfigError("model.method=lit has one term; model.third.heads must be none or shared")
-    if len(cfg.loss.weights) != 3 or any(w < 0 for w in cfg.loss.weights):
-        raise ConfigError(f"loss.weights={list(cfg.loss.weights)} must be three non-negative numbers (fg, fh, gh)")
+    weights = list(cfg.loss.weights)
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"loss.weights={weights} must be three non-negative numbers (fg, fh, gh)")
+    if m.method == "3t" and not sum(weights) > 0:
+        raise ConfigError(f"loss.weights={weights}: with every weight 0, 3T has no loss to train on; give at "
+                          "least one term a positive weight")
     if cfg.loss.max_scale and cfg.loss.max_scale < cfg.loss.init_scale:
         raise ConfigError(f"loss.max_scale={cfg.loss.max_scale} is below loss.init_scale={cfg.loss.init_scale}")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
@@ -306,6 +335,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"data.world.caption_noise={cfg.data.world.caption_noise} must be in [0, 1]")
     if cfg.data.source != "world" and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path")
+    validate_eval(cfg.eval)
     per_rank = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world_size}")
@@ -314,6 +344,35 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"train.batch_size per rank ({per_rank}) is not divisible by train.grad_accum={cfg.train.grad_accum}"
         )
     return cfg
+
+
+WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene")
+USER_TASKS = ("zeroshot:", "retrieval:")  # zeroshot:FOLDER, retrieval:CSV
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The evaluation settings, checked before training so that a typo cannot cost a finished run."""
+    for name in e.tasks:
+        user = next((p for p in USER_TASKS if name.startswith(p)), None)
+        if name not in WORLD_TASKS and not (user and len(name) > len(user)):
+            close = difflib.get_close_matches(name, WORLD_TASKS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"eval.tasks: unknown task {name!r}{hint} Choose from {', '.join(WORLD_TASKS)}, "
+                              "zeroshot:FOLDER, retrieval:CSV")
+    if any(not k > 0 for k in e.fewshot_shots):
+        raise ConfigError(f"eval.fewshot_shots={list(e.fewshot_shots)} must all be > 0")
+    if any(s < 0 for s in e.fewshot_seeds):
+        raise ConfigError(f"eval.fewshot_seeds={list(e.fewshot_seeds)} must all be >= 0")
+    if any(not (math.isfinite(a) and 0 <= a <= 1) for a in e.mixing_alphas):
+        raise ConfigError(f"eval.mixing_alphas={list(e.mixing_alphas)} must all be in [0, 1]")
+
+
+def check_eval_paths(e: EvalConfig) -> None:
+    """The folders and files that `zeroshot:` / `retrieval:` tasks name exist (checked before training)."""
+    for name in e.tasks:
+        prefix = next((p for p in USER_TASKS if name.startswith(p)), None)
+        if prefix and not Path(name[len(prefix):]).exists():
+            raise ConfigError(f"eval.tasks: {name!r} names {name[len(prefix):]!r}, which does not exist")
 
 
 # ----------------------------------------------------------------------------- loading

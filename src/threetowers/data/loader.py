@@ -13,35 +13,68 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import write_text_atomic
 from ..config import Config
 from .features import FeatureCache, build_feature_cache, cache_dir_for
 from .sets import as_float, resize_batch
 
 
 def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.ndarray:
-    """Rows of the global batch at `step`: epoch-wise seeded permutations, read in order."""
+    """Rows of the global batch at `step`: epoch-wise seeded permutations, read in order.
+
+    Every row comes once per epoch, and no batch holds a row twice, also a batch that straddles two
+    epochs (a repeated row would be its own false negative in the contrastive loss). That needs at
+    least two batches' worth of rows (`check_rows`).
+    """
     positions = step * batch_size + np.arange(batch_size)
     epochs = positions // num_rows
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
         sel = epochs == epoch
-        out[sel] = _epoch_permutation(seed, int(epoch), num_rows)[positions[sel] % num_rows]
+        out[sel] = _epoch_permutation(seed, int(epoch), num_rows, batch_size)[positions[sel] % num_rows]
     return out
 
 
+def check_rows(num_rows: int, batch_size: int, what: str = "the training data") -> None:
+    if num_rows < 2 * batch_size:
+        raise ValueError(f"{what} has {num_rows} rows; train.batch_size={batch_size} needs at least "
+                         f"{2 * batch_size} (two batches), so that no batch holds a row twice: use more data or a "
+                         "smaller train.batch_size")
+
+
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
-    """One epoch's row order, drawn once per epoch, not per step (11 ms per step at a million rows)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
+def _epoch_permutation(seed: int, epoch: int, num_rows: int, batch_size: int) -> np.ndarray:
+    """One epoch's row order, drawn once per epoch, not per step (11 ms per step at a million rows).
+
+    The first batch of an epoch may begin with the last `r` rows of the previous epoch. Rows of this
+    epoch's first `k = batch - r` places that are among them are swapped with later places (never
+    with this epoch's own last `batch` places, which the next epoch reads in the same way), so the
+    order stays a pure function of (seed, epoch) and needs no earlier epoch but its raw permutation.
+    """
+    perm = _raw_permutation(seed, epoch, num_rows)
+    carried = (epoch * num_rows) % batch_size  # rows of the previous epoch in this epoch's first batch
+    if epoch and carried:
+        previous_tail = _raw_permutation(seed, epoch - 1, num_rows)[num_rows - carried:]
+        head = batch_size - carried
+        clash = np.flatnonzero(np.isin(perm[:head], previous_tail))
+        if clash.size:
+            region = np.arange(head, num_rows - ((epoch + 1) * num_rows) % batch_size)
+            free = region[~np.isin(perm[region], previous_tail)][: clash.size]
+            perm[clash], perm[free] = perm[free], perm[clash].copy()
     perm.flags.writeable = False  # shared by every step of the epoch
     return perm
+
+
+def _raw_permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 class ArrayTrainData:
@@ -49,7 +82,9 @@ class ArrayTrainData:
 
     def __init__(self, images: np.ndarray, columns: dict[str, torch.Tensor], keys: list[str], cfg: Config,
                  rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                 third_cache: FeatureCache | None = None, tokenizer=None, with_images: bool = True):
+                 third_cache: FeatureCache | None = None, tokenizer=None, with_images: bool = True,
+                 bad: dict[str, int] | None = None):
+        check_rows(len(images), cfg.train.batch_size)
         self.images, self.columns, self.keys = images, columns, keys
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.world_size = rank, world_size
@@ -57,6 +92,7 @@ class ArrayTrainData:
         self.third_cache = third_cache
         self.tokenizer = tokenizer
         self.with_images = with_images  # False: LiT on cached h never looks at the pixels
+        self.bad = dict(bad or {})  # rows skipped when the arrays were built, by reason
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,28 +118,41 @@ class ArrayTrainData:
             yield self.batch(step)
 
     def bad_samples(self) -> dict[str, int]:
-        return {}
+        return dict(self.bad)
 
 
 def dataset_id(kind: str, *parts: object) -> str:
     return f"{kind}-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def load_or_train_tokenizer(cfg: Config, captions: list[str], output_dir: str | Path | None):
+TOKENIZER_SOURCE = "tokenizer.source"  # beside tokenizer.json: what it was trained on
+
+
+def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: str | Path | None, data_id: str):
     """The run's tokenizer: a given tokenizer.json, the one saved with this run (resume), or BPE
-    trained on the training captions (and saved with the run)."""
+    trained on the training captions (and saved with the run).
+
+    The saved one is reused only if it was trained on the same data (`data_id`, recorded beside it)
+    with the same vocabulary size: a new run on other data in the same output directory trains its own.
+    """
     from .tokenizer import Tokenizer
 
     context = cfg.model.text.context_length
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer, context)
     saved = Path(output_dir) / "tokenizer.json" if output_dir else None
+    source = f"{data_id} vocab={cfg.model.text.vocab_size}"
     if saved is not None and saved.exists():
-        return Tokenizer.from_file(saved, context)
+        recorded = saved.with_name(TOKENIZER_SOURCE)
+        if recorded.is_file() and recorded.read_text(encoding="utf-8").strip() == source:
+            return Tokenizer.from_file(saved, context)
+        print(f"{saved} was trained on other data or with another vocabulary size; training a new one in its "
+              "place", flush=True)
     tokenizer = Tokenizer.train(captions, cfg.model.text.vocab_size, context)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(saved)
+        write_text_atomic(saved.with_name(TOKENIZER_SOURCE), source + "\n")
     return tokenizer
 
 
@@ -139,19 +188,22 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         world = World(cfg.data.world, progress=rank == 0)
         pairs = rank0_first(lambda: world.pairs("train"))  # rank 0 renders, the others read its cache
         images, captions, keys = pairs.images, pairs.captions, pairs.keys
-        ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))
+        ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))  # keys carry the world's hash
+        bad: dict[str, int] = {}
     elif source == "csv":
         from .pairs import load_csv_arrays
 
-        images, captions, keys = load_csv_arrays(cfg.data, cfg.model.image.image_size)
-        ds_id = dataset_id("csv", str(Path(cfg.data.path).resolve()), len(keys), keys[:3], keys[-3:])
+        images, captions, keys, bad, identity = load_csv_arrays(cfg.data, cfg.model.image.image_size,
+                                                                progress=rank == 0)
+        ds_id = dataset_id("csv", identity, len(keys))
     else:
         return StreamTrainData(cfg, rank, world_size)
-    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir))
+    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir, ds_id))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
     return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cfg.model.image.image_size,
-                          cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None)
+                          cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None,
+                          bad=bad if rank == 0 else {})  # the trainer sums ranks' counts; one pass, counted once
 
 
 def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1,
@@ -187,7 +239,8 @@ class StreamTrainData:
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
         # A generator: the shards are only read if a tokenizer has to be trained.
-        self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir)
+        shards = dataset_id("shards", [(u, os.path.getsize(u) if os.path.isfile(u) else None) for u in self.dataset.urls])
+        self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir, shards)
 
     def batches(self, start_step: int) -> Iterator[dict]:
         from torch.utils.data import DataLoader

@@ -11,7 +11,10 @@ Captions stay text here; the training data (`data.loader`) tokenizes them.
 Bad samples are skipped, never used, and counted by reason in a `BadSampleCounter`; each sample
 gets one reason, the cheapest check first (image member present, caption, then image decode).
 Reasons: missing_image, missing_caption, empty_caption, bad_text_encoding, unreadable_file,
-corrupt_image, truncated_image, too_large, unsupported_mode, unreadable_shard.
+corrupt_image, truncated_image, too_large, bad_aspect, unsupported_mode, unreadable_shard (a shard
+that cannot be opened or read), truncated_shard (a local .tar that does not end with tar's
+end-of-archive blocks: it was cut short, and what followed the cut is lost; its readable samples are
+still used). A shard is counted once per visit, however many errors reading it raises.
 Past `max_bad_fraction` (once `min_seen` samples were seen) reading stops with `BadDataError`,
 which names example samples and their reasons.
 """
@@ -19,6 +22,7 @@ which names example samples and their reasons.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import os
 import random
@@ -27,7 +31,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -300,7 +304,7 @@ class ShardPairs(IterableDataset):
                 f"{len(self.urls)} shards for {world} ranks x {num_workers} workers: some workers get no shards",
                 stacklevel=2,
             )
-        samples = wds.tarfile_to_samples(handler=self._shard_error)(self._shards(epoch, rank, world, worker))
+        samples = wds.tarfile_to_samples(handler=self._shard_error)(self._visit(self._shards(epoch, rank, world, worker)))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples/{self.seed}/{epoch}/{rank}/{worker}")
             # Shuffle the raw bytes, before decoding: a buffer of encoded images is small.
@@ -312,11 +316,43 @@ class ShardPairs(IterableDataset):
             if sample is not None:
                 yield sample
 
+    def _visit(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """Each shard as it is opened: a cut-short local tar is counted here, before its samples are read.
+
+        Python's tarfile reads a tar cut inside a member header as a normal end of archive, so without
+        this check the rest of such a shard would be lost uncounted.
+        """
+        for shard in shards:
+            url = shard["url"]
+            # Shards are opened one after the other in a process, so errors until the next one are this one's.
+            self._visit_counted = tar_is_truncated(url)
+            if self._visit_counted:
+                self.counter.bad("truncated_shard", url, "no end-of-archive marker: the file was cut short")
+            yield shard
+
     def _shard_error(self, exn: Exception) -> bool:
-        """webdataset handler: a shard that cannot be opened or read is counted, then skipped."""
-        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
-        self.counter.bad("unreadable_shard", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        """webdataset handler: a shard that cannot be opened or read is counted (once a visit), then skipped.
+
+        (webdataset can report one broken shard twice: from the tar reader, then from the sample grouper.)
+        """
+        if not getattr(self, "_visit_counted", False):
+            url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+            self.counter.bad("unreadable_shard", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            self._visit_counted = True
         return True
+
+
+def tar_is_truncated(url: str) -> bool:
+    """A local uncompressed tar that does not end in whole 512-byte blocks with two zero blocks last
+    (the end-of-archive marker every tar writer adds). Other URLs and compressed shards: False."""
+    if not url.endswith(".tar") or not os.path.isfile(url):
+        return False
+    size = os.path.getsize(url)
+    if size % 512 or size < 1024:
+        return True
+    with open(url, "rb") as fh:
+        fh.seek(size - 1024)
+        return fh.read(1024).count(0) != 1024
 
 
 # ----------------------------------------------------------------------------- CSV / TSV
@@ -455,11 +491,34 @@ def _collate_rows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> tuple[np.ndarray, list[str], list[str]]:
-    """Decode every usable CSV/TSV row once: uint8 images `[N, S, S, 3]`, captions, keys.
+class CsvArrays(NamedTuple):
+    images: np.ndarray  # uint8 [N, S, S, 3], the usable rows in file order
+    captions: list[str]
+    keys: list[str]  # image paths as written in the file
+    bad: dict[str, int]  # skipped rows by reason
+    identity: str  # changes when a row, its order, or an image file (size, mtime) changes
 
-    Bad rows are skipped and counted; the `max_bad_fraction` limit applies to the whole pass, however
-    short the file. Rows are resized and center-cropped once, so `data.augment` cannot apply.
+
+def csv_identity(csv_path: Path, keys: Sequence[str]) -> str:
+    """A digest of the file, every usable row's image path in order, and each image file's size and
+    modification time: the cheap content check (one stat per row) that an h cache or a tokenizer built
+    for these rows is keyed by, so that an edited CSV or a replaced image never reuses them."""
+    digest = hashlib.sha256(str(csv_path.resolve()).encode())
+    for key in keys:
+        try:
+            st = (csv_path.parent / key).stat()
+            digest.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{key}\0missing\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> CsvArrays:
+    """Decode every usable CSV/TSV row once: uint8 images `[N, S, S, 3]`, captions, keys, bad counts.
+
+    Bad rows are skipped and counted (and said on the console); the `max_bad_fraction` limit applies to
+    the whole pass, however short the file. Rows are resized and center-cropped once, so `data.augment`
+    cannot apply.
     """
     if cfg.augment:
         raise ValueError(
@@ -484,7 +543,10 @@ def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> 
     pairs.counter.check(final=True)
     if not keys:
         raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
-    return images[: len(keys)], captions, keys
+    bad = dict(pairs.counter.totals()[1])
+    if bad and progress:
+        print(f"{pairs.path.name}: skipped {pairs.counter.summary()}", flush=True)
+    return CsvArrays(images[: len(keys)], captions, keys, bad, csv_identity(pairs.path, keys))
 
 
 def stream_captions(urls: Sequence[str], limit: int = TOKENIZER_CAPTIONS) -> Iterator[str]:

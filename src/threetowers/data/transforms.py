@@ -25,6 +25,9 @@ from torchvision.transforms import v2
 
 # Pillow's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS), about 89.5 million pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Longest side over shortest side beyond which an image is refused: resizing the short side to the
+# training size would make the other side huge (a 1x5000 banner at 224 px is 224x1,120,000 pixels).
+MAX_ASPECT = 20.0
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -60,7 +63,8 @@ def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.I
 
 
 def decode_rgb(
-    source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_side: int = 0
+    source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_side: int = 0,
+    max_aspect: float = MAX_ASPECT,
 ) -> Image.Image:
     """Open an image (bytes or a file path) as 8-bit RGB, or raise `ImageError`.
 
@@ -68,7 +72,10 @@ def decode_rgb(
     limit, 2 x `PIL.Image.MAX_IMAGE_PIXELS`, still applies above that.
     `keep_side`: if > 0, shrink early (before conversion and cropping) while keeping the shorter
     side at least this long; pass about twice the training size so crops stay sharp.
-    Reasons: unreadable_file, corrupt_image, truncated_image, too_large, unsupported_mode.
+    `max_aspect`: refuse images whose long side is more than this times the short one (reason
+    `bad_aspect`), checked from the header before decoding; with it the resized image is bounded too
+    (at most max_aspect x S x S pixels).
+    Reasons: unreadable_file, corrupt_image, truncated_image, too_large, bad_aspect, unsupported_mode.
     """
     try:
         stream = open(source, "rb") if isinstance(source, (str, Path)) else io.BytesIO(source)
@@ -87,6 +94,8 @@ def decode_rgb(
         width, height = img.size
         if width * height > max_pixels:
             raise ImageError("too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+        if max(width, height) > max_aspect * max(1, min(width, height)):
+            raise ImageError("bad_aspect", f"{width}x{height}: aspect ratio above {max_aspect:g}:1")
         if keep_side and img.format == "JPEG":
             img.draft(img.mode, (keep_side, keep_side))  # decode at a reduced scale, never below keep_side
         try:

@@ -12,13 +12,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import Config
+from ..config import WORLD_TASKS, Config
 from ..data.sets import CaptionedSet, LabelledSet
 from ..models.third_tower import reuse_third_features
 from .fewshot import fewshot_eval
 from .suite import encode_images, evaluate
-
-WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene")
 
 
 @dataclass
@@ -76,7 +74,7 @@ def csv_task(cfg: Config, path: str) -> CaptionedSet:
     from ..data.pairs import load_csv_arrays
 
     data_cfg = type(cfg.data)(**{**vars(cfg.data), "source": "csv", "path": path, "augment": False})
-    images, captions, keys = load_csv_arrays(data_cfg, cfg.model.image.image_size, progress=False)
+    images, captions, keys, _, _ = load_csv_arrays(data_cfg, cfg.model.image.image_size, progress=False)
     first: dict[str, int] = {}  # image path (the row's key) -> index of its image
     owner, kept = [], []
     for i, key in enumerate(keys):

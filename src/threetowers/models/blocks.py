@@ -96,3 +96,16 @@ class Block(nn.Module):
             return x + self.mlp(self.norm2(x))
         x = x[torch.arange(x.shape[0], device=x.device), rows] + self.attn(self.norm1(x), mask, causal, rows)[:, 0]
         return x + self.mlp(self.norm2(x))
+
+
+def init_blocks(blocks: nn.ModuleList, width: int) -> None:
+    """CLIP's initialisation of a residual stack: normal weights, zero biases, and the two projections
+    that write into the residual stream scaled down by sqrt(2 * depth), so that the stream's variance
+    at the output does not grow with depth."""
+    attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+    out_std = attn_std * (2 * max(1, len(blocks))) ** -0.5
+    for block in blocks:
+        for layer, std in ((block.attn.qkv, attn_std), (block.attn.proj, out_std),
+                           (block.mlp[0], fc_std), (block.mlp[2], out_std)):
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -50,10 +51,11 @@ class ThreeTowers(nn.Module):
             raise ValueError(f"model.third.head_dim={m.third.head_dim} needs model.third.heads=shared or per_term "
                              f"(h's own embedding size is {h_dim})")
         third_dim = m.third.head_dim or h_dim
-        self.proj_image = make_head(self.image_tower.dim, m.embed_dim, m.head) if "image" in used else None
-        self.proj_text = make_head(self.text_tower.dim, m.embed_dim, m.head) if "text" in used else None
-        self.adapt_image = make_head(self.image_tower.dim, third_dim, m.head) if "image_h" in used else None  # f_h
-        self.adapt_text = make_head(self.text_tower.dim, third_dim, m.head) if "text_h" in used else None  # g_h
+        image_init, text_init = m.image.init, m.text.init  # each tower's heads follow its initialisation
+        self.proj_image = make_head(self.image_tower.dim, m.embed_dim, m.head, image_init) if "image" in used else None
+        self.proj_text = make_head(self.text_tower.dim, m.embed_dim, m.head, text_init) if "text" in used else None
+        self.adapt_image = make_head(self.image_tower.dim, third_dim, m.head, image_init) if "image_h" in used else None  # f_h
+        self.adapt_text = make_head(self.text_tower.dim, third_dim, m.head, text_init) if "text_h" in used else None  # g_h
         # Heads on h: h_f for the (f_h, h) term, h_g for the (g_h, h) term; shared = one module.
         self.third_head_f = self.third_head_g = None
         if m.third.heads in ("shared", "per_term"):
@@ -208,4 +210,7 @@ def load_weights(model: ThreeTowers, directory: str | Path, meta: dict) -> None:
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Write tensors (contiguous, on CPU) to a safetensors file atomically."""
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        try:
+            save_file(state, str(tmp))
+        except SafetensorError as err:  # safetensors reports a full disk or a failed write as its own error type
+            raise OSError(f"could not write {path}: {err}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import Block
+from .blocks import Block, init_blocks
 
 
 class TextTransformer(nn.Module):
@@ -20,6 +20,7 @@ class TextTransformer(nn.Module):
         causal: bool = True,
         pool: str = "eot",
         pad_id: int = 0,
+        init: str = "torch",
     ):
         super().__init__()
         if pool not in ("eot", "mean"):
@@ -31,6 +32,13 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
+        if init == "clip":
+            # CLIP's: token embeddings small (std 0.02) like the positions, instead of nn.Embedding's std 1,
+            # which would drown every block's update to the residual stream at the start.
+            nn.init.normal_(self.token_embed.weight, std=0.02)
+            init_blocks(self.blocks, width)
+        elif init != "torch":
+            raise ValueError(f"init={init!r}; expected clip or torch")
         self._ids_checked = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ def build_image_tower(cfg) -> nn.Module:
     if cfg.kind == "vit":
         return VisionTransformer(
             cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.pool,
-            tuple(cfg.mean), tuple(cfg.std),
+            tuple(cfg.mean), tuple(cfg.std), cfg.pre_norm, cfg.patch_bias, cfg.init,
         )
     if cfg.kind == "timm":
         return TimmTower(cfg.timm_name, cfg.weights)
@@ -71,5 +71,5 @@ def build_image_tower(cfg) -> nn.Module:
 def build_text_tower(cfg, pad_id: int = 0) -> TextTransformer:
     """`TextTowerConfig` -> text tower with `.dim`."""
     return TextTransformer(
-        cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id
+        cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id, cfg.init
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -18,9 +20,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:  # e.g. a pickle renamed to .safetensors, or a truncated file
+            raise ValueError(f"{path} is named .safetensors but is not a readable safetensors file ({err}); "
+                             "a torch state dict must not carry that suffix") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it, or not a torch file at all

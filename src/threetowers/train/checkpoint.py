@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -153,7 +154,7 @@ def atomic_directory(final: str | Path, manifest_extra: dict | None = None) -> I
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not final.exists():
             os.replace(old, final)  # the swap failed half-way: put the previous version back
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, CheckpointError):
+        if isinstance(err, (OSError, RuntimeError, SafetensorError)) and not isinstance(err, CheckpointError):
             raise CheckpointError(f"could not write {final} ({_describe(err, final.parent)}); nothing there was changed and "
                                   "earlier checkpoints are intact") from err
         raise
@@ -229,16 +230,36 @@ def set_aside(path: Path, why: str, report: Callable[[str], None] = _report) -> 
     return target
 
 
+def problem_with(directory: Path) -> str | None:
+    """What makes a checkpoint unusable (files against the manifest, then a readable train state), or None."""
+    problem = verify(directory)
+    if problem is None and (directory / TRAIN_STATE).is_file():
+        try:
+            load_train_state(directory)
+        except CheckpointError as err:
+            problem = str(err)
+    return problem
+
+
 def newest_valid(output_dir: str | Path, report: Callable[[str], None] = _report,
                  set_aside_corrupt: bool = True) -> Path | None:
-    """The newest checkpoint that matches its manifest; broken ones are reported (and set aside)."""
-    for _, path in list_checkpoints(output_dir):
-        problem = verify(path)
+    """The newest usable checkpoint; broken ones are reported (and set aside). None when there are no
+    checkpoints; `CheckpointError` when there are some but none is usable (a silent restart at step 0
+    would overwrite the run's log and its checkpoints' history)."""
+    found = list_checkpoints(output_dir)
+    for i, (_, path) in enumerate(found):
+        problem = problem_with(path)
         if problem is None:
             return path
-        report(f"checkpoint {path} is unusable: {problem}; falling back to the previous one")
+        older = i + 1 < len(found)
+        report(f"checkpoint {path} is unusable: {problem}" + ("; falling back to the previous one" if older else ""))
         if set_aside_corrupt:
             set_aside(path, "corrupt", report)
+    if found:
+        raise CheckpointError(
+            f"no usable checkpoint is left in {Path(output_dir) / CHECKPOINTS} ({len(found)} unusable"
+            + (", set aside as corrupt-*" if set_aside_corrupt else "") + "); nothing was trained or deleted. "
+            "Start over with train.resume=never (the run's log is then replaced) or another train.output_dir")
     return None
 
 
@@ -251,12 +272,15 @@ def find_resume(output_dir: str | Path, resume: str, report: Callable[[str], Non
         return newest_valid(output_dir, report)
     path = Path(resume)
     if (path / MANIFEST).exists() or (path / TRAIN_STATE).exists():
-        problem = verify(path)
+        problem = problem_with(path)
         if problem:
             raise CheckpointError(f"train.resume={resume}: this checkpoint is unusable: {problem}")
         return path
     if (path / CHECKPOINTS).is_dir():
-        found = newest_valid(path, report, set_aside_corrupt=False)
+        try:
+            found = newest_valid(path, report, set_aside_corrupt=False)
+        except CheckpointError:
+            found = None
         if found is None:
             raise CheckpointError(f"train.resume={resume}: no valid checkpoint in {path / CHECKPOINTS}")
         return found
@@ -270,7 +294,8 @@ def load_train_state(directory: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (torch raises several kinds for a bad file)
-        raise CheckpointError(f"could not read {path}: {err}") from None
+        # Some (EOFError, a bare UnpicklingError) carry no message: the type is the reason then.
+        raise CheckpointError(f"could not read {path}: {type(err).__name__}" + (f": {err}" if str(err) else "")) from None
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import write_text_atomic
-from ..config import Config, ConfigError, load_config, override_layer, to_dict, to_yaml, validate
+from ..config import Config, ConfigError, check_eval_paths, load_config, override_layer, to_dict, to_yaml, validate
 from .checkpoint import (
     TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
@@ -52,6 +52,10 @@ Evaluate = Callable[[nn.Module, int], dict]
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss); the last good checkpoint is intact."""
+
+
+class EvaluationFailed(RuntimeError):
+    """Training finished and the model was saved, but an evaluation raised."""
 
 
 @dataclass
@@ -195,6 +199,7 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
     try:
         with runtime(cfg, info):
             on_main(info, lambda: check_writable(cfg.train.output_dir))
+            check_eval_paths(cfg.eval)
             if third is None and cfg.model.method != "clip":
                 from ..models.third_tower import load_third_tower
 
@@ -358,6 +363,8 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         return on_main(info, lambda: str(save_checkpoint(out, step, write, tc.keep_checkpoints)))
 
     batches: Iterator[dict] = iter(job.data.batches(start))
+    consecutive = 0  # skipped steps in a row
+    eval_error: Exception | None = None
     try:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
@@ -380,6 +387,14 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             done = step + 1
             if all(math.isfinite(v) for v in values):
                 optimizer.step()
+                consecutive = 0
+                if not _all_finite(trainable):
+                    # The update itself overflowed (e.g. a huge learning rate); it cannot be skipped after the
+                    # fact, and no checkpoint is ever written from these weights.
+                    raise TrainingStopped(
+                        f"the update at step {done} made weights non-finite (lr {lr:.3g}, grad norm {values[-1]:.4g}); "
+                        f"stopped before writing anything from them. The last good checkpoint is "
+                        f"{last_ckpt or 'none (none was written yet)'}; resume from it with a lower optim.lr")
             else:
                 detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
                                    if k.startswith(("train/loss", "train/grad_norm")))
@@ -389,8 +404,15 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                         f"The last good checkpoint is {last_ckpt or 'none (none was written yet)'}; resume from it "
                         "with a lower optim.lr, check the data, or set train.on_nonfinite=skip")
                 skipped += 1
+                consecutive += 1
                 logger.write(f"step {done}: non-finite loss or gradient ({detail}); step skipped "
                              f"({skipped} skipped so far)")
+                if consecutive >= tc.max_consecutive_skips or skipped >= tc.max_skipped_steps:
+                    raise TrainingStopped(
+                        f"{consecutive} steps in a row and {skipped} in all were skipped for a non-finite loss or "
+                        f"gradient (limits: train.max_consecutive_skips={tc.max_consecutive_skips}, "
+                        f"train.max_skipped_steps={tc.max_skipped_steps}); the run is not learning. The last good "
+                        f"checkpoint is {last_ckpt or 'none (none was written yet)'}; lower optim.lr or check the data")
                 metrics = {}
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -409,8 +431,13 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 logger.log(done, last_logged)
                 window = _Window()
             if evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == tc.steps):
-                last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), done))
-                logger.log(done, last_eval)
+                try:
+                    last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), done))
+                    logger.log(done, last_eval)
+                except Exception as err:  # noqa: BLE001  (raised after the model is saved, below)
+                    eval_error = err
+                    logger.write(f"evaluation at step {done} failed ({type(err).__name__}: {err}); training goes on "
+                                 "and the model is saved, then the run reports the failure")
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 last_ckpt = checkpoint(done)
 
@@ -425,11 +452,20 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
 
         on_main(info, write_final)
         barrier(info)  # every rank done before any rank tears the process group down
+        if eval_error is not None:
+            raise EvaluationFailed(f"the model was trained and saved in {model_dir}, but its evaluation failed: "
+                                   f"{type(eval_error).__name__}: {eval_error}. Evaluate it again with "
+                                   f"`threetowers eval {model_dir}`") from eval_error
     finally:
         logger.close()
     model.eval()
     curve = read_metrics(out) if info.is_main else []
     return TrainResult(out, model_dir, max(start, tc.steps), {**last_logged, **last_eval}, curve, model)
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 def _str_or_none(path: Path | None) -> str | None:
@@ -490,4 +526,4 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
-__all__ = ["train", "run", "Job", "TrainResult", "TrainingStopped", "forward_backward", "resolve_config", "ConfigError"]
+__all__ = ["train", "run", "Job", "TrainResult", "TrainingStopped", "EvaluationFailed", "forward_backward", "resolve_config", "ConfigError"]
