@@ -29,7 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,8 +58,51 @@ SHAPES = {
 }
 METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
 
-# Named rows, so that the published table can be re-run by name.
-NAMED_ROWS: dict[str, str] = {}
+# Named rows, so that the published table (docs/towers.md) can be re-run by name.
+BEFORE = ("model.image.pool=gap,model.image.pre_norm=false,model.image.patch_bias=true,model.image.init=torch,"
+          "model.text.init=torch,loss.init_scale=10")  # the towers' defaults at 694e437
+NAMED_ROWS: dict[str, str] = {
+    "defaults": "ours",
+    "open_clip": "open_clip",
+    "before": f"ours:{BEFORE}",
+    "open_clip_like_before": "open_clip:pool=avg,ln_pre=0,t0=10",
+    "-cls (gap pooling)": "ours:model.image.pool=gap",
+    "-pre_norm": "ours:model.image.pre_norm=false",
+    "-image init (torch)": "ours:model.image.init=torch",
+    "-text init (torch)": "ours:model.text.init=torch",
+    "+patch bias": "ours:model.image.patch_bias=true",
+    "t0=10": "ours:loss.init_scale=10",
+    "fp32": "ours:train.precision=fp32",
+    "bf16 attention": "ours:bench.attention=bf16",
+    "decay embeddings": "ours:bench.decay_embeddings=1",
+    "before+text init": f"ours:{BEFORE},model.text.init=clip",
+}
+
+
+@contextmanager
+def bench_options(options: dict[str, str]) -> Iterator[None]:
+    """Ablations that are not config fields, applied by patching for one run:
+    `bench.attention=bf16` runs attention in bf16 on the CPU (ours upcasts to fp32 there);
+    `bench.decay_embeddings=1` applies weight decay to token, position and class embeddings too
+    (as open_clip's trainer does for its token and position embeddings)."""
+    from threetowers.models import blocks
+    from threetowers.train import optim
+
+    saved = blocks.attention, blocks.single_query_attention, optim._EMBEDDING_NAMES, optim._NO_DECAY_MODULES
+    unknown = set(options) - {"attention", "decay_embeddings"}
+    if unknown:
+        raise SystemExit(f"unknown bench.* options {sorted(unknown)}; known: attention=bf16, decay_embeddings=1")
+    try:
+        if options.get("attention") == "bf16":
+            blocks.attention = lambda q, k, v, mask, causal: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal)
+            blocks.single_query_attention = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if options.get("decay_embeddings") == "1":
+            optim._EMBEDDING_NAMES = ()
+            optim._NO_DECAY_MODULES = tuple(m for m in optim._NO_DECAY_MODULES if m is not nn.Embedding)
+        yield
+    finally:
+        blocks.attention, blocks.single_query_attention, optim._EMBEDDING_NAMES, optim._NO_DECAY_MODULES = saved
 
 
 # ----------------------------------------------------------------------------- open_clip as a job
@@ -153,8 +198,10 @@ def run_row(row: str, seed: int, shape: str, steps: int, workdir: Path, tasks: d
             f"train.output_dir={workdir / 'run'}", "train.tensorboard=false", *SHAPES[shape]]
     t0 = time.perf_counter()
     if kind == "ours":
-        cfg = resolve_config("demo/base", base + opts)
-        result = train(cfg, evaluate=lambda m, s: {})
+        bench = {o.split("=", 1)[0][len("bench."):]: o.split("=", 1)[1] for o in opts if o.startswith("bench.")}
+        cfg = resolve_config("demo/base", base + [o for o in opts if not o.startswith("bench.")])
+        with bench_options(bench):
+            result = train(cfg, evaluate=lambda m, s: {})
         model, tokenizer = result.model, result.tokenizer
     else:
         cfg = resolve_config("demo/base", base)

@@ -75,7 +75,10 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-6), (method, kind, loss1, loss2)
         assert grads1.keys() == grads2.keys() and len(grads1) > 10
         for name in grads1:
-            assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), (method, kind, name)
+            # fp32 sums in another order: the error scales with the tensor's largest entries, not each entry.
+            g1, g2 = grads1[name], grads2[name]
+            tol = 2e-5 * g1.abs().max().item() + 1e-7
+            assert (g1 - g2).abs().max().item() <= tol, (method, kind, name, (g1 - g2).abs().max().item(), tol)
         assert not any(name.startswith("third.") for name in grads1)
 
 

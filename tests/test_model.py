@@ -140,3 +140,22 @@ def test_a_few_steps_lower_the_loss(method):
         model(batch)["loss"].backward()
         opt.step()
     assert float(model(batch)["loss"].detach()) < 0.7 * first
+
+
+def test_models_saved_before_the_tower_defaults_changed_load_and_encode_alike():
+    """Models and classifiers written at 694e437 (mean pooling, no pre-LayerNorm, patch bias) keep
+    their architecture: their configs lack the new fields, which then mean what they meant then."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from threetowers.models.classifier import load_classifier
+
+    root = Path(__file__).parent / "data" / "legacy_v694"
+    expected = load_file(str(root / "outputs.safetensors"))
+    model = load_model(root / "model")
+    assert model.cfg.model.image.pool == "gap" and not model.cfg.model.image.pre_norm
+    assert torch.allclose(model.encode_image(expected["x"]), expected["image"], atol=1e-6)
+    assert torch.allclose(model.encode_text(expected["tokens"]), expected["text"], atol=1e-6)
+    classifier, _ = load_classifier(root / "classifier")
+    assert torch.allclose(classifier.forward_features(expected["x"]), expected["feat"], atol=1e-6)

@@ -115,7 +115,7 @@ def _cache_error(data, third, csv_root):
     """max |cached h - h(image)| over the rows, the image read from its file as written in the CSV now."""
     worst = 0.0
     for i, key in enumerate(data.keys):
-        image = torch.from_numpy(np.asarray(Image.open(csv_root / key).convert("RGB").resize((S, S)))).float() / 255
+        image = torch.from_numpy(np.array(Image.open(csv_root / key).convert("RGB").resize((S, S)))).float() / 255
         fresh = third(image.permute(2, 0, 1)[None])
         worst = max(worst, (data.third_cache.rows(np.array([i])) - fresh).abs().max().item())
     return worst

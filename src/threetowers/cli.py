@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .config import ConfigError, load_config
+from .config import ConfigError, fill_added_fields, load_config
 
 DESCRIPTION = """\
 threetowers: contrastive vision-language training with pretrained image models.
@@ -214,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     directory = Path(args.model)
     meta = read_model_meta(directory)
-    base = meta["config"]
+    base = fill_added_fields(meta["config"])
     cfg = load_config(None, _merge_overrides(base, args.overrides) if args.overrides else base)
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.exists():

@@ -7,6 +7,7 @@ A whole run is one `Config`; methods (clip, lit, 3t) are presets of it, not code
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -38,10 +39,11 @@ class ImageTowerConfig:
     depth: int = 6
     heads: int = 3
     mlp_ratio: float = 4.0
-    pool: str = "gap"  # cls | gap
-    pre_norm: bool = False  # a LayerNorm on the embedded patches before the first block (CLIP's ln_pre)
-    patch_bias: bool = True  # a bias in the patch embedding
-    init: str = "torch"  # torch (PyTorch's layer defaults) | clip (CLIP's scheme; see models/blocks.py)
+    # Defaults chosen by the ablation in docs/towers.md (benchmarks/bench_quality.py).
+    pool: str = "cls"  # cls (a class token) | gap (mean over the patch tokens)
+    pre_norm: bool = True  # a LayerNorm on the embedded patches before the first block (CLIP's ln_pre)
+    patch_bias: bool = False  # a bias in the patch embedding (redundant with pre_norm's offset)
+    init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
     timm_name: str = ""  # kind=timm: model name, created with num_classes=0 (pooled features)
     weights: str = ""  # optional local weights file (safetensors or state dict) for kind=timm
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -60,7 +62,7 @@ class TextTowerConfig:
     mlp_ratio: float = 4.0
     causal: bool = True
     pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens)
-    init: str = "torch"  # torch (PyTorch's layer defaults) | clip (CLIP's scheme; see models/blocks.py)
+    init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class ModelConfig:
 class LossConfig:
     kind: str = "softmax"  # softmax (InfoNCE) | sigmoid (SigLIP)
     temperature: str = "per_term"  # per_term | shared
-    init_scale: float = 10.0  # initial t = exp(log_t)
+    init_scale: float = 1 / 0.07  # initial t = exp(log_t): CLIP's 1/0.07 = 14.29
     max_scale: float = 100.0  # clamp on t; 0 = no clamp
     init_bias: float = -10.0  # sigmoid only
     # 3T term weights, in the order (f, g), (f_h, h), (g_h, h).
@@ -210,8 +212,8 @@ _CHOICES = {
     "model.image.kind": ("vit", "timm"),
     "model.image.pool": ("cls", "gap"),
     "model.text.pool": ("eot", "mean"),
-    "model.image.init": ("torch", "clip"),
-    "model.text.init": ("torch", "clip"),
+    "model.image.init": ("clip", "torch"),
+    "model.text.init": ("clip", "torch"),
     "model.third.source": ("none", "checkpoint", "timm", "torchvision", "efficientnet_lite0", "callable"),
     "model.third.heads": ("none", "shared", "per_term"),
     "loss.kind": ("softmax", "sigmoid"),
@@ -454,9 +456,32 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
+# Fields added after the first saved models: the value a saved config without them meant (the
+# architecture those models were built with), so that they still load as they were trained.
+_ADDED_FIELDS = {
+    ("model", "image", "pre_norm"): False, ("model", "image", "patch_bias"): True,
+    ("model", "image", "init"): "torch", ("model", "text", "init"): "torch",
+}
+
+
+def fill_added_fields(data: dict, section: tuple[str, ...] = ()) -> dict:
+    """A copy of a saved config (or of its `section`, e.g. ("model", "image")) with the fields added
+    since it was written set to what their absence meant."""
+    data = copy.deepcopy(data)
+    for path, value in _ADDED_FIELDS.items():
+        if path[: len(section)] != section:
+            continue
+        node = data
+        for part in path[len(section):-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
+    return data
+
+
 def from_dict(data: dict) -> Config:
     """Rebuild a Config saved with a run or checkpoint (unknown keys are an error)."""
-    return load_config(None, data)
+    return load_config(None, fill_added_fields(data))
 
 
 def to_yaml(cfg: Config) -> str:

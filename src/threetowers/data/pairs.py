@@ -344,13 +344,16 @@ class ShardPairs(IterableDataset):
 
 def tar_is_truncated(url: str) -> bool:
     """A local uncompressed tar that does not end in whole 512-byte blocks with two zero blocks last
-    (the end-of-archive marker every tar writer adds). Other URLs and compressed shards: False."""
+    (the end-of-archive marker every tar writer adds). Other URLs, compressed shards and files that
+    are not tars at all (no ustar header; the reader counts those as unreadable): False."""
     if not url.endswith(".tar") or not os.path.isfile(url):
         return False
     size = os.path.getsize(url)
-    if size % 512 or size < 1024:
-        return True
     with open(url, "rb") as fh:
+        if fh.read(512)[257:262] != b"ustar":
+            return False
+        if size % 512 or size < 1536:  # a header, and the two end blocks
+            return True
         fh.seek(size - 1024)
         return fh.read(1024).count(0) != 1024
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ImageTowerConfig
+from ..config import ImageTowerConfig, fill_added_fields
 from ..atomic import write_json_atomic
 from .model import MODEL_FORMAT, save_safetensors_atomic
 from .third_tower import Preprocessing
@@ -124,7 +124,7 @@ def load_classifier(directory: str | Path) -> tuple[Classifier, dict]:
     if unknown:
         raise ValueError(f"{directory}/model.json: unknown image tower fields {unknown}")
     # The tower's original init weights (model.image.weights) are superseded by the checkpoint.
-    image = replace(ImageTowerConfig(**meta["image"]), weights="")
+    image = replace(ImageTowerConfig(**fill_added_fields(meta["image"], ("model", "image"))), weights="")
     model = Classifier(image, int(meta["num_classes"]))
     load_weights(model, directory / "model.safetensors", what=f"classifier in {directory}")
     return model.eval(), meta

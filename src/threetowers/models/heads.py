@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def make_head(in_dim: int, out_dim: int, kind: str = "linear", init: str = "torch") -> nn.Module:
+def make_head(in_dim: int, out_dim: int, kind: str = "linear", init: str = "clip") -> nn.Module:
     if kind == "linear":
         head = nn.Linear(in_dim, out_dim, bias=False)
         if init == "clip":  # CLIP's projections: std in_dim^-0.5, outputs at the scale of the inputs

@@ -20,7 +20,7 @@ class TextTransformer(nn.Module):
         causal: bool = True,
         pool: str = "eot",
         pad_id: int = 0,
-        init: str = "torch",
+        init: str = "clip",
     ):
         super().__init__()
         if pool not in ("eot", "mean"):

@@ -17,12 +17,12 @@ class VisionTransformer(nn.Module):
         depth: int = 6,
         heads: int = 3,
         mlp_ratio: float = 4.0,
-        pool: str = "gap",
+        pool: str = "cls",
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
-        pre_norm: bool = False,
-        patch_bias: bool = True,
-        init: str = "torch",
+        pre_norm: bool = True,
+        patch_bias: bool = False,
+        init: str = "clip",
     ):
         super().__init__()
         if pool not in ("cls", "gap"):
