@@ -23,6 +23,7 @@ every run.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -66,11 +67,11 @@ NAMED_ROWS: dict[str, str] = {
     "open_clip": "open_clip",
     "before": f"ours:{BEFORE}",
     "open_clip_like_before": "open_clip:pool=avg,ln_pre=0,t0=10",
-    "-cls (gap pooling)": "ours:model.image.pool=gap",
-    "-pre_norm": "ours:model.image.pre_norm=false",
-    "-image init (torch)": "ours:model.image.init=torch",
-    "-text init (torch)": "ours:model.text.init=torch",
-    "+patch bias": "ours:model.image.patch_bias=true",
+    "gap pooling": "ours:model.image.pool=gap",
+    "no pre_norm": "ours:model.image.pre_norm=false",
+    "image init torch": "ours:model.image.init=torch",
+    "text init torch": "ours:model.text.init=torch",
+    "patch bias": "ours:model.image.patch_bias=true",
     "t0=10": "ours:loss.init_scale=10",
     "fp32": "ours:train.precision=fp32",
     "bf16 attention": "ours:bench.attention=bf16",
@@ -228,6 +229,29 @@ def summarise(runs: list[dict], rows: list[str]) -> list[dict]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """One saved run's summary as a Markdown table (mean ± sample std over seeds, in points)."""
+    def cell(v):
+        return f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[1] is not None else "")
+
+    first = result["summary"][0]["row"]
+    by_seed = {(r["row"], r["seed"]): r["mean4"] for r in result["runs"]}
+    lines = [f"shape `{result['shape']}`, {result['steps']} steps, seeds {result['seeds']}; Δ: this row's mean4 "
+             f"minus `{first}`'s, paired by seed (mean ± std)", "",
+             "| row | n | ZS object | ZS scene | I→T R@1 | T→I R@1 | **mean4** | Δ mean4 | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        spec = NAMED_ROWS.get(s["row"], s["row"])
+        label = s["row"] if spec == s["row"] else f"{s['row']} (`{spec}`)"
+        diffs = [by_seed[s["row"], seed] - by_seed[first, seed] for seed in result["seeds"]
+                 if (s["row"], seed) in by_seed and (first, seed) in by_seed]
+        delta = "" if s["row"] == first or not diffs else cell(
+            (statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None))
+        lines.append(f"| {label} | {s['n']} | " + " | ".join(cell(s[m]) for m in METRICS)
+                     + f" | **{cell(s['mean4'])}** | {delta} | {s['train_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,7 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", type=Path, default=None, help="JSON with every run and the summary")
     p.add_argument("--list", action="store_true", help="print the named rows and exit")
+    p.add_argument("--markdown", nargs="+", type=Path, metavar="JSON",
+                   help="print the summaries of saved --out files as Markdown tables and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            print(markdown(json.loads(path.read_text())))
+        return {}
     if args.list:
         for name, row in NAMED_ROWS.items():
             print(f"{name:28s} {row}")

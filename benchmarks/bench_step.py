@@ -13,15 +13,16 @@ clipping, data loading and logging are left out on both sides.
 
 Contenders (all interleaved, A B C ... A B C ..., medians over the timed steps):
   ours/clip, open_clip/clip       identical shapes; for each precision of the preset
-  ours/clip gap                   our default image pooling (mean over patches) instead of the class token
+  ours/clip gap                   mean pooling over patches (model.image.pool=gap) instead of the class token
   ours/3t cached, ours/lit cached h's embeddings precomputed (batch["third"], float16 as the cache stores them)
   ours/3t online, ours/lit online h (a frozen ViT of f's shape) runs every step
   open_clip/lit locked            `lock_image_tower()`: the frozen tower runs every step
   before/clip                     with --baseline-src: another checkout's towers and loss (before/after a change)
 
-Matching the architectures: our ViT uses the class token (`pool=cls`) like open_clip's default
-`pool_type=tok`, and open_clip is built with `no_ln_pre=True` since our ViT has no LayerNorm
-before the blocks. What remains different is printed with the parameter counts. Captions have
+Matching the architectures: our default ViT (class token, LayerNorm before the blocks, no bias in
+the patch embedding; docs/towers.md) is open_clip's default ViT (`pool_type=tok`, `ln_pre`, a
+bias-free conv), so both are built with their own defaults. What remains different is printed with
+the parameter counts. `--baseline-src` needs a checkout whose towers have the same parameters. Captions have
 random lengths (4 to the context length), the end-of-text token being the largest id.
 
 On a machine shared with other work, steps during which other processes held the CPU are marked
@@ -136,7 +137,7 @@ def build_open_clip(s: Shapes, locked: bool = False) -> nn.Module:
 
     vision = CLIPVisionCfg(
         layers=s.vit_depth, width=s.vit_width, head_width=s.vit_width // s.vit_heads, mlp_ratio=s.mlp_ratio,
-        patch_size=s.patch_size, image_size=s.image_size, no_ln_pre=True, pool_type="tok",
+        patch_size=s.patch_size, image_size=s.image_size, pool_type="tok",
     )
     text = CLIPTextCfg(
         context_length=s.context_length, vocab_size=s.vocab_size, width=s.text_width, heads=s.text_heads,
@@ -309,13 +310,12 @@ def param_notes(s: Shapes) -> list[str]:
     lit_oc = build_open_clip(s, locked=True)
     t_ours, t_oc = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (lit_ours, lit_oc))
     return [
-        f"CLIP parameters: ours {n_ours:,}, open_clip {n_oc:,} (difference {n_ours - n_oc:+,}: our patch "
-        f"embedding has a bias of width {s.vit_width}; open_clip's conv has none)",
+        f"CLIP parameters: ours {n_ours:,}, open_clip {n_oc:,} (difference {n_ours - n_oc:+,})",
         f"LiT trainable parameters: ours {t_ours:,}, open_clip {t_oc:,} (difference {t_ours - t_oc:+,}: our g_h "
         f"maps text width {s.text_width} to h's dim {s.vit_width}, open_clip's text projection to embed_dim "
         f"{s.embed_dim}; open_clip's image projection is frozen with the tower)",
         "Same otherwise: pre-norm blocks (LayerNorm, fused qkv with bias, GELU MLP with biases), class-token "
-        "pooling with a final LayerNorm, no LayerNorm before the ViT blocks, causal text attention, "
+        "pooling with a final LayerNorm, a LayerNorm before the ViT blocks, causal text attention, "
         "end-of-text pooling, bias-free projections, one learned temperature per term.",
     ]
 
