@@ -34,11 +34,11 @@ import torch  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
 from threetowers.data.loader import build_train_data, global_indices  # noqa: E402
-from threetowers.data.world import World  # noqa: E402
-from threetowers.models.classifier import Classifier, save_classifier  # noqa: E402
-from threetowers.atomic import write_json_atomic  # noqa: E402
-from threetowers.models.third_tower import load_third_tower  # noqa: E402
-from threetowers.train.loop import train  # noqa: E402
+from threetowers.world.world import World  # noqa: E402
+from threetowers.third.classifier import Classifier, save_classifier  # noqa: E402
+from threetowers.core.atomic import write_json_atomic  # noqa: E402
+from threetowers.third import load_third_tower  # noqa: E402
+from threetowers import train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table  # noqa: E402

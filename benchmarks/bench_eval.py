@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from threetowers.eval import retrieval_recall, zeroshot_accuracy
-from threetowers.atomic import write_json_atomic
+from threetowers.core.atomic import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, reset_rss_peak, status_kb  # noqa: E402  (shared /proc helpers)

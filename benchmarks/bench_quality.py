@@ -5,7 +5,7 @@
     python benchmarks/bench_quality.py --shape cpu --rows ours open_clip  # the larger CPU-preset towers
     python benchmarks/bench_quality.py --list                           # the named rows
 
-Both contenders train through the same trainer (`threetowers.train.loop.run`) on the same data in
+Both contenders train through the same trainer (`threetowers.training.trainer.run`) on the same data in
 the same order (the world of `demo/base`, the batch at each step a function of the seed and the
 step), with the same optimizer (AdamW with this project's weight-decay groups), schedule, gradient
 clipping, precision and fp32 contrastive loss (the scale clamped at 100, as open_clip's trainer
@@ -44,12 +44,13 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table  # noqa: E402
 
-from threetowers.atomic import write_json_atomic  # noqa: E402
+from threetowers.core.atomic import write_json_atomic  # noqa: E402
 from threetowers.data.loader import build_train_data  # noqa: E402
 from threetowers.eval.tasks import build_tasks, run_tasks  # noqa: E402
-from threetowers.losses import contrastive_loss  # noqa: E402
-from threetowers.train.distributed import init_distributed, shutdown  # noqa: E402
-from threetowers.train.loop import Job, resolve_config, run, runtime, train  # noqa: E402
+from threetowers.model.losses import contrastive_loss  # noqa: E402
+from threetowers.core.distributed import init_distributed, shutdown  # noqa: E402
+from threetowers import resolve_config, train  # noqa: E402
+from threetowers.training.trainer import Job, run, runtime  # noqa: E402
 
 # The shapes of issue 12: the demo's towers, and the larger towers of the CPU step benchmark.
 SHAPES = {
@@ -87,7 +88,7 @@ def bench_options(options: dict[str, str]) -> Iterator[None]:
     `bench.decay_embeddings=1` applies weight decay to token, position and class embeddings too
     (as open_clip's trainer does for its token and position embeddings)."""
     from threetowers.models import blocks
-    from threetowers.train import optim
+    from threetowers.training import optim
 
     saved = blocks.attention, blocks.single_query_attention, optim._EMBEDDING_NAMES, optim._NO_DECAY_MODULES
     unknown = set(options) - {"attention", "decay_embeddings"}

@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, machine, print_table, resident_bytes, step_peak_mib, summary, MIB  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.atomic import write_json_atomic  # noqa: E402
-from threetowers.models.model import ThreeTowers  # noqa: E402
-from threetowers.models.third_tower import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
-from threetowers.models.vit import VisionTransformer  # noqa: E402
-from threetowers.train.optim import build_optimizer  # noqa: E402
+from threetowers.core.atomic import write_json_atomic  # noqa: E402
+from threetowers import ThreeTowers, create_model  # noqa: E402
+from threetowers.third import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
+from threetowers.towers.vit import VisionTransformer  # noqa: E402
+from threetowers.training.optim import build_optimizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,10 @@ def frozen_vit(s: Shapes) -> ThirdTower:
 def build_ours(s: Shapes, method: str, third: str | None, pool: str = "cls") -> ThreeTowers:
     cfg = our_config(s, method, pool)
     if third == "online":
-        return ThreeTowers(cfg, third=frozen_vit(s))
+        return create_model(cfg, third=frozen_vit(s))
     if third == "cached":
-        return ThreeTowers(cfg, third_info={"name": "bench-h", "dim": s.vit_width, "fingerprint": ""})
-    return ThreeTowers(cfg)
+        return create_model(cfg, third_info={"name": "bench-h", "dim": s.vit_width, "fingerprint": ""})
+    return create_model(cfg)
 
 
 def build_open_clip(s: Shapes, locked: bool = False) -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from threetowers.experiments.demo import cpu_model
+from threetowers.apps.demo import cpu_model
 
 MIB = 2**20
 

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.models.third_tower import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
-from threetowers.models.vit import VisionTransformer  # noqa: E402
+from threetowers.third import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
+from threetowers.towers.vit import VisionTransformer  # noqa: E402
 
 TINY = [
     "model.image.image_size=16", "model.image.patch_size=4", "model.image.width=32", "model.image.depth=1",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from threetowers.cli import build_parser, main
+from threetowers.apps.cli import build_parser, main
 from threetowers.config import ConfigError, Config, from_dict, load_config, to_dict
 
 

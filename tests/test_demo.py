@@ -2,7 +2,7 @@
 
 import json
 
-from threetowers.experiments.demo import load_demo_config, run_config, run_demo
+from threetowers.apps.demo import load_demo_config, run_config, run_demo
 
 TINY_RUN = [
     "model.embed_dim=16", "model.image.image_size=24", "model.image.patch_size=8", "model.image.width=32",
@@ -61,7 +61,7 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
 
 
 def test_failed_claims_get_hypotheses_with_their_ablation_commands():
-    from threetowers.experiments.report import HYPOTHESES, ablation_plan
+    from threetowers.apps.report import HYPOTHESES, ablation_plan
 
     held = {"claim": "retrieval: 3T (object) beats LiT (object)", "third": "object", "difference": 0.1,
             "held": True, "beyond_spread": True}

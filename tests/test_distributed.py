@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import fake_third, tiny_config
-from threetowers.models.model import ThreeTowers
-from threetowers.train.distributed import DistInfo, all_mean, wrap_model
-from threetowers.train.loop import forward_backward
+from threetowers import create_model
+from threetowers.core.distributed import DistInfo, all_mean, wrap_model
+from threetowers.training.trainer import forward_backward
 from train_helpers import FAST
 
 HELPER = Path(__file__).with_name("train_helpers.py")
@@ -28,7 +28,7 @@ def setup(method: str, kind: str):
     """The same model and global batch in every process."""
     torch.manual_seed(0)
     extra = ["model.third.heads=per_term"] if method == "3t" else []
-    model = ThreeTowers(tiny_config(method, f"loss.kind={kind}", *extra), third=fake_third() if method != "clip" else None)
+    model = create_model(tiny_config(method, f"loss.kind={kind}", *extra), third=fake_third() if method != "clip" else None)
     g = torch.Generator().manual_seed(1)
     batch = {"image": torch.rand(N, 3, 16, 16, generator=g), "tokens": torch.randint(2, 64, (N, 12), generator=g)}
     batch["tokens"][:, -1] = 1

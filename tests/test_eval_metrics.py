@@ -357,7 +357,7 @@ def solid_images(colours):
 
 
 def test_evaluate_zeroshot_retrieval_and_mixing_sweep():
-    from threetowers.data.sets import CaptionedSet, LabelledSet
+    from threetowers.core.sets import CaptionedSet, LabelledSet
     from threetowers.eval import evaluate
 
     labels = np.array([0, 1, 2, 2, 1, 0, 0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import fake_third
-from threetowers.data.features import CacheMismatch, FeatureCache, build_feature_cache, cache_dir_for
+from threetowers.third.store import CacheMismatch, FeatureCache, build_feature_cache, cache_dir_for
 
 N = 40
 

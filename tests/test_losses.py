@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from threetowers.losses import TermLoss, Term, contrastive_loss, method_terms
+from threetowers.model.losses import TermLoss, Term, contrastive_loss, method_terms
 
 
 def _pair(n=6, d=8, seed=0):

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from conftest import fake_third, tiny_config
 from threetowers.config import ConfigError
-from threetowers.losses import contrastive_loss
-from threetowers.models.model import ThreeTowers, load_model, save_model
+from threetowers.model.losses import contrastive_loss
+from threetowers import create_model, load_model, save_model
 
 
 def _batch(n=8, seed=0):
@@ -30,7 +30,7 @@ def _grads_after(model, term):
 
 def test_3t_modules_and_embeddings():
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config("3t", "model.third.heads=per_term"), third=fake_third())
+    model = create_model(tiny_config("3t", "model.third.heads=per_term"), third=fake_third())
     emb = model.embeddings(_batch())
     assert set(emb) == {"image", "text", "image_h", "text_h", "third_f", "third_g"}
     assert emb["image"].shape == (8, 16) and emb["third_f"].shape == (8, 24)
@@ -41,7 +41,7 @@ def test_3t_modules_and_embeddings():
 
 def test_gradient_routing_of_the_third_tower_terms():
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config("3t"), third=fake_third())
+    model = create_model(tiny_config("3t"), third=fake_third())
     touched = _grads_after(model, "text_h~third_g")
     assert touched(model.text_tower) and touched(model.adapt_text)
     assert not touched(model.image_tower) and not touched(model.adapt_image)
@@ -52,7 +52,7 @@ def test_gradient_routing_of_the_third_tower_terms():
 
 
 def test_h_is_frozen_and_stays_in_eval_mode():
-    model = ThreeTowers(tiny_config("3t"), third=fake_third())
+    model = create_model(tiny_config("3t"), third=fake_third())
     model.train()
     assert not model.third.module.training
     assert all(not p.requires_grad for p in model.third.parameters())
@@ -62,7 +62,7 @@ def test_h_is_frozen_and_stays_in_eval_mode():
 
 def test_cached_third_embeddings_replace_h():
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config("3t"), third=fake_third())
+    model = create_model(tiny_config("3t"), third=fake_third())
     batch = _batch()
     online = model(batch)["loss"].detach()
     cached = model({**batch, "third": model.third(batch["image"])})["loss"].detach()
@@ -73,7 +73,7 @@ def test_cached_third_embeddings_replace_h():
 
 def test_lit_uses_h_and_g_h_at_inference():
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config("lit", "model.third.heads=shared"), third=fake_third())
+    model = create_model(tiny_config("lit", "model.third.heads=shared"), third=fake_third())
     assert model.image_tower is None and model.proj_text is None
     images = _batch()["image"]
     h = model.third(images)
@@ -83,13 +83,13 @@ def test_lit_uses_h_and_g_h_at_inference():
 
 def test_save_and_load_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config("3t", "model.third.heads=shared"), third=fake_third()).eval()
+    model = create_model(tiny_config("3t", "model.third.heads=shared"), third=fake_third()).eval()
     save_model(model, tmp_path / "m")
     batch = _batch()
     torch.save(batch, tmp_path / "batch.pt")
     expected_img, expected_txt = model.encode_image(batch["image"]), model.encode_text(batch["tokens"])
     code = (
-        "import torch, sys; from threetowers.models.model import load_model;"
+        "import torch, sys; from threetowers import load_model;"
         f"m = load_model(r'{tmp_path / 'm'}'); b = torch.load(r'{tmp_path / 'batch.pt'}');"
         f"torch.save((m.encode_image(b['image']), m.encode_text(b['tokens'])), r'{tmp_path / 'out.pt'}')"
     )
@@ -106,7 +106,7 @@ def test_loading_a_file_of_the_wrong_kind(tmp_path):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="model.json is missing"):
         load_model(tmp_path / "nowhere")
-    model = ThreeTowers(tiny_config("clip"))
+    model = create_model(tiny_config("clip"))
     save_model(model, tmp_path / "clip")
     save_file({"bogus": torch.zeros(1)}, str(tmp_path / "clip" / "model.safetensors"))
     with pytest.raises(ValueError, match="does not fit its config"):
@@ -114,7 +114,7 @@ def test_loading_a_file_of_the_wrong_kind(tmp_path):
 
 
 def test_bad_input_names_what_was_expected():
-    model = ThreeTowers(tiny_config("clip"))
+    model = create_model(tiny_config("clip"))
     with pytest.raises(ValueError, match=r"images \[B, 3, 16, 16\]"):
         model.encode_image(torch.rand(2, 1, 16, 16))
     with pytest.raises(ValueError, match="vocab_size"):
@@ -124,13 +124,13 @@ def test_bad_input_names_what_was_expected():
     with pytest.raises(ConfigError, match="model.third.source"):
         tiny_config("clip", "model.third.source=timm")
     with pytest.raises(ValueError, match="head_dim"):
-        ThreeTowers(tiny_config("3t", "model.third.head_dim=8"), third=fake_third())
+        create_model(tiny_config("3t", "model.third.head_dim=8"), third=fake_third())
 
 
 @pytest.mark.parametrize("method", ["clip", "lit", "3t"])
 def test_a_few_steps_lower_the_loss(method):
     torch.manual_seed(0)
-    model = ThreeTowers(tiny_config(method, "model.third.heads=shared" if method == "lit" else "model.embed_dim=16"),
+    model = create_model(tiny_config(method, "model.third.heads=shared" if method == "lit" else "model.embed_dim=16"),
                         third=fake_third() if method != "clip" else None)
     batch = _batch(n=16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -149,7 +149,7 @@ def test_models_saved_before_the_tower_defaults_changed_load_and_encode_alike():
 
     from safetensors.torch import load_file
 
-    from threetowers.models.classifier import load_classifier
+    from threetowers.third.classifier import load_classifier
 
     root = Path(__file__).parent / "data" / "legacy_v694"
     expected = load_file(str(root / "outputs.safetensors"))

@@ -4,10 +4,10 @@ chance by a clear margin, and loads as a frozen h whose embedding is its pre-log
 import torch
 
 from threetowers.config import load_config
-from threetowers.data.sets import as_float
-from threetowers.models.classifier import load_classifier
-from threetowers.models.third_tower import load_third_tower
-from threetowers.train.pretrain import pretrain
+from threetowers.core.sets import as_float
+from threetowers.third.classifier import load_classifier
+from threetowers.third import load_third_tower
+from threetowers.training.pretrain import pretrain
 
 
 def test_pretrained_object_classifier_beats_chance_and_serves_as_h(tmp_path, monkeypatch):

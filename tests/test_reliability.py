@@ -22,10 +22,10 @@ from test_pairs import S, encode, good_members, keys, lenient, solid, write_tar
 from threetowers.config import ConfigError, load_config
 from threetowers.data.loader import build_train_data, load_or_train_tokenizer
 from threetowers.data.transforms import ImageError, decode_rgb
-from threetowers.models.weights import read_state_dict
-from threetowers.train import checkpoint as ckpt
-from threetowers.train.checkpoint import CheckpointError, list_checkpoints
-from threetowers.train.loop import EvaluationFailed, TrainingStopped, train
+from threetowers.core.formats import read_state_dict
+from threetowers.training import checkpoint as ckpt
+from threetowers.training.checkpoint import CheckpointError, list_checkpoints
+from threetowers import EvaluationFailed, TrainingStopped, train
 from train_helpers import FAST, SyntheticData
 
 
@@ -207,13 +207,13 @@ def test_skipping_non_finite_steps_has_limits(tmp_path):
 
 
 def test_a_full_disk_while_writing_safetensors_is_a_clear_error(tmp_path, monkeypatch):
-    import threetowers.models.model as model_module
+    import threetowers.core.formats as formats
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     cfg = config(tmp_path, "clip", "train.steps=2", "train.checkpoint_every=1")
-    monkeypatch.setattr(model_module, "save_file", full)
+    monkeypatch.setattr(formats, "save_file", full)
     with pytest.raises(CheckpointError, match="could not write .*step_0000001.*StorageFull.*intact"):
         train(cfg, data=SyntheticData(cfg))
 

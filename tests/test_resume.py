@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from threetowers.config import load_config
-from threetowers.train.checkpoint import CheckpointError, list_checkpoints
-from threetowers.train.loop import train
+from threetowers.training.checkpoint import CheckpointError, list_checkpoints
+from threetowers import train
 from train_helpers import FAST, SyntheticData
 
 HELPER = Path(__file__).with_name("train_helpers.py")
@@ -100,7 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 
 
 def test_cli_with_the_real_loader_trains_and_resumes(tmp_path):
-    pytest.importorskip("threetowers.data.world")
+    pytest.importorskip("threetowers.world.world")
     out = tmp_path / "run"
     base = [sys.executable, "-m", "threetowers", "train", "tiny", f"train.output_dir={out}", "train.device=cpu",
             "train.progress=false", "data.world.num_pairs=64", "train.checkpoint_every=2", "train.log_every=1",

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 
 from conftest import tiny_config
 from threetowers.config import ImageTowerConfig, ThirdTowerConfig
-from threetowers.models.classifier import Classifier, load_classifier, save_classifier
-from threetowers.models.third_tower import Preprocessing, load_third_tower, preprocess
+from threetowers.third.classifier import Classifier, load_classifier, save_classifier
+from threetowers.third import FrozenImageModel, Preprocessing, ThirdTower, load_third_tower
+from threetowers.third.tower import preprocess
 
 
 @pytest.fixture(autouse=True)
@@ -132,13 +133,13 @@ def test_third_tower_stays_frozen(tmp_path):
 
 
 def test_checkpoint_source_refuses_a_contrastive_model(tmp_path):
-    from threetowers.models.model import ThreeTowers, save_model
+    from threetowers import create_model, save_model
 
-    save_model(ThreeTowers(tiny_config("clip")), tmp_path / "clip")
-    with pytest.raises(ValueError, match="not a classifier: .*contrastive model"):
+    save_model(create_model(tiny_config("clip")), tmp_path / "clip")
+    with pytest.raises(ValueError, match="describes a contrastive model .*not a classifier"):
         load_third_tower(ThirdTowerConfig(source="checkpoint", path=str(tmp_path / "clip")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a classifier checkpoint.*model.json is missing"):
+    with pytest.raises(FileNotFoundError, match="not a classifier of .*model.json is missing"):
         load_classifier(tmp_path / "empty")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.json").write_text(json.dumps({"format": "something-else"}))
@@ -267,7 +268,7 @@ def test_pickle_with_code_is_refused(tmp_path):
 USER_MODULE = textwrap.dedent('''
     import torch
     from torch import nn
-    from threetowers.models.third_tower import FrozenImageModel, Preprocessing
+    from threetowers.third import FrozenImageModel, Preprocessing
 
     class Pool(nn.Module):
         def __init__(self, scale):
@@ -365,8 +366,10 @@ def test_preprocessing_round_trips_through_dict():
     assert Preprocessing.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
-def test_reused_features_skip_h_only_inside_the_block():
-    from threetowers.models.third_tower import _MEMO, FrozenImageModel, ThirdTower, reuse_third_features
+def test_eval_features_run_h_once_per_set_and_h():
+    import numpy as np
+
+    from threetowers.third.store import EvalFeatures
 
     calls = []
 
@@ -380,24 +383,16 @@ def test_reused_features_skip_h_only_inside_the_block():
             return self.proj(x.mean(dim=(2, 3)))
 
     tower = ThirdTower(FrozenImageModel(Counting(), 4, Preprocessing(8), "counting"))
-    a, b = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
-    first = tower(a)
-    assert torch.equal(tower(a), first) and calls == [5, 5]  # outside the block h always runs
-    with reuse_third_features():
-        tower(a), tower(b)
-        again = tower(a)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tower(a)  # other precision: another entry
-    assert torch.equal(again, first) and calls == [5, 5, 5, 5, 5]
+    a = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    b = a.copy()  # equal pixels, another set
+    store = EvalFeatures()
+    first = store.features(tower, a, batch_size=4)
+    assert calls == [4, 3] and first.shape == (7, 4) and first.dtype == torch.float32
+    assert torch.allclose(first, tower(torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255), atol=1e-6)  # h itself
+    assert store.features(tower, a, batch_size=4) is first and calls == [4, 3, 7]  # (the line above ran h once)
+    store.features(tower, b, batch_size=4)
+    assert calls == [4, 3, 7, 4, 3]  # another set object: computed for it
     other = ThirdTower(FrozenImageModel(Counting(), 4, Preprocessing(8), "counting"))  # other weights
-    with reuse_third_features():
-        assert not torch.equal(other(a), first) and len(calls) == 6
-    saved = _MEMO.max_bytes
-    try:
-        _MEMO.max_bytes = 0  # a batch whose features do not fit is not kept
-        c = torch.rand(5, 3, 8, 8)
-        with reuse_third_features():
-            tower(c), tower(c)
-    finally:
-        _MEMO.max_bytes = saved
-    assert len(calls) == 8 and _MEMO.bytes <= _MEMO.max_bytes
+    assert not torch.equal(store.features(other, a, batch_size=8), first) and calls[-1] == 7
+    assert torch.equal(EvalFeatures().features(tower, a, batch_size=4), first)  # a new store starts empty
+    assert calls[-2:] == [4, 3] and len(calls) == 8

@@ -11,12 +11,13 @@ from torch import nn
 
 from conftest import fake_third
 from threetowers.config import load_config
-from threetowers.models.model import ThreeTowers, load_model
-from threetowers.train import checkpoint as ckpt
-from threetowers.train.checkpoint import CheckpointError, OutputDirError, list_checkpoints, verify
-from threetowers.train.distributed import DistInfo
-from threetowers.train.loop import Job, TrainingStopped, forward_backward, run, train
-from threetowers.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from threetowers import create_model, load_model
+from threetowers.training import checkpoint as ckpt
+from threetowers.training.checkpoint import CheckpointError, OutputDirError, list_checkpoints, verify
+from threetowers.core.distributed import DistInfo
+from threetowers import TrainingStopped, train
+from threetowers.training.trainer import Job, forward_backward, run
+from threetowers.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from train_helpers import FAST, SyntheticData
 
 
@@ -41,7 +42,7 @@ def test_cosine_schedule_with_warmup_at_known_steps():
 
 def test_scheduler_follows_the_factor_one_call_per_step(tmp_path):
     cfg = config(tmp_path, "clip", "optim.lr=0.01", "optim.warmup_steps=3", "train.steps=8")
-    model = ThreeTowers(cfg)
+    model = create_model(cfg)
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     seen = []
@@ -55,7 +56,7 @@ def test_scheduler_follows_the_factor_one_call_per_step(tmp_path):
 def test_param_groups_exclude_norms_biases_embeddings_temperatures_and_frozen(tmp_path):
     cfg = config(tmp_path, "3t", "model.third.heads=per_term", "model.image.pool=cls", "loss.kind=sigmoid",
                  "model.head=mlp")
-    model = ThreeTowers(cfg, third=fake_third())
+    model = create_model(cfg, third=fake_third())
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     for name in ("image_tower.pos_embed", "image_tower.cls_token", "text_tower.pos_embed", "text_tower.token_embed.weight",
@@ -101,7 +102,7 @@ def test_one_step_changes_exactly_what_should_train(tmp_path, method):
     h = fake_third()
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
-        before = _params(ThreeTowers(cfg, third=h))
+        before = _params(create_model(cfg, third=h))
     h_before = {k: v.clone() for k, v in h.state_dict().items()}
     result = train(cfg, third=h, data=SyntheticData(cfg))
     after = dict(result.model.named_parameters())
@@ -290,9 +291,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
 
 
 def test_pretrain_runs_the_classifier_through_the_same_loop(tmp_path):
-    from threetowers.models.classifier import load_classifier
-    from threetowers.models.third_tower import load_third_tower
-    from threetowers.train.pretrain import pretrain
+    from threetowers.third.classifier import load_classifier
+    from threetowers.third import load_third_tower
+    from threetowers.training.pretrain import pretrain
 
     out = tmp_path / "pre"
     result = pretrain("pretrain", ["model.image.image_size=24", "model.image.patch_size=8", "model.image.width=32",

@@ -9,10 +9,10 @@ from PIL import Image
 
 from threetowers.config import load_config
 from threetowers.data.folders import class_folder
-from threetowers.data.sets import CaptionedSet, LabelledSet
-from threetowers.data.sprites import FASHION_DIR
+from threetowers.core.sets import CaptionedSet, LabelledSet
+from threetowers.world.sprites import FASHION_DIR
 from threetowers.eval.tasks import build_tasks
-from threetowers.train.pretrain import labelled_sets
+from threetowers.training.pretrain import labelled_sets
 
 COLOURS = {"blue_cup": (20, 40, 220), "green": (30, 200, 40), "red": (230, 20, 20)}  # sorted: the label order
 

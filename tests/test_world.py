@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from threetowers.config import WorldConfig
-from threetowers.data import world as world_mod
-from threetowers.data.sprites import FASHION_DIR, FashionMNISTSource
-from threetowers.data.world import COLOUR_WORDS, GENERIC, World, world_hash
+from threetowers.world import world as world_mod
+from threetowers.world.sprites import FASHION_DIR, FashionMNISTSource
+from threetowers.world.world import COLOUR_WORDS, GENERIC, World, world_hash
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from conftest import tiny_config
-from threetowers.data.sets import LabelledSet, as_float
+from threetowers.core.sets import LabelledSet, as_float
 from threetowers.data.tokenizer import Tokenizer
 from threetowers.eval.suite import evaluate
-from threetowers.models.model import ThreeTowers
+from threetowers import create_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -25,7 +25,7 @@ def test_a_tiny_clip_trained_for_seconds_beats_chance_at_zero_shot():
     labels = rng.integers(0, len(names), 512)
     captions = [f"a {names[k]} {rng.choice(['picture', 'square', 'photo'])}" for k in labels]
     tokenizer = Tokenizer.train(captions * 4, vocab_size=300, context_length=12)
-    model = ThreeTowers(tiny_config("clip", "model.text.vocab_size=300"))
+    model = create_model(tiny_config("clip", "model.text.vocab_size=300"))
     images, tokens = as_float(_images(labels, rng)), tokenizer(captions)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(60):

@@ -86,19 +86,16 @@ class SyntheticData:
 
 
 def install() -> None:
-    """Make `threetowers.data.loader.build_train_data` build SyntheticData (in this process)."""
-    import threetowers.data.loader
+    """Make the contrastive job build SyntheticData instead of the real loader (in this process)."""
+    import threetowers.training.contrastive as job
 
-    threetowers.data.loader.build_train_data = (
-        lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third))
+    job.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
     # Synthetic captions have no real tokenizer, so the trainer's world evaluation is off here.
-    import threetowers.eval.tasks
-
-    threetowers.eval.tasks.trainer_hook = lambda cfg, tokenizer=None: None
+    job.trainer_hook = lambda cfg, tokenizer=None: None
 
 
 if __name__ == "__main__":
     install()
-    from threetowers.cli import main
+    from threetowers.apps.cli import main
 
     sys.exit(main())

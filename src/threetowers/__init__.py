@@ -1,3 +1,29 @@
-"""threetowers: contrastive vision-language training with pretrained image models (CLIP, LiT, 3T)."""
+"""threetowers: contrastive vision-language training with pretrained image models (CLIP, LiT, 3T).
+
+The public face: everything a user (or the `threetowers` command, or a benchmark) needs.
+
+    import threetowers as tt
+    result = tt.train("3t", ["model.third.source=efficientnet_lite0", "train.steps=300"])
+    model = tt.load_model(result.model_dir)
+    scores = tt.evaluate(result.model_dir, tasks=["zeroshot_object", "retrieval"])
+"""
 
 __version__ = "0.1.0"
+
+from .config import Config, ConfigError, load_config, resolve_config
+from .eval.suite import evaluate as evaluate_tasks
+from .eval.tasks import build_tasks, run_tasks
+from .eval.tasks import evaluate_saved as evaluate
+from .model.factory import create_model, load_model, save_model
+from .model.three_towers import ThreeTowers
+from .third import FrozenImageModel, Preprocessing, ThirdTower, list_sources, load_third_tower, register_source
+from .training.contrastive import train
+from .training.pretrain import pretrain
+from .training.trainer import EvaluationFailed, TrainingStopped, TrainResult
+
+__all__ = [
+    "Config", "ConfigError", "EvaluationFailed", "FrozenImageModel", "Preprocessing", "ThirdTower", "ThreeTowers",
+    "TrainResult", "TrainingStopped", "__version__", "build_tasks", "create_model", "evaluate", "evaluate_tasks",
+    "list_sources", "load_config", "load_model", "load_third_tower", "pretrain", "register_source",
+    "resolve_config", "run_tasks", "save_model", "train",
+]

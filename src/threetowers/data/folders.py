@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .sets import LabelledSet
+from ..core.sets import LabelledSet
+from .transforms import decode_rgb, image_transform
 
 
 def class_folder(root: str | Path, image_size: int, max_images: int, seed: int, what: str,
@@ -23,10 +25,6 @@ def class_folder(root: str | Path, image_size: int, max_images: int, seed: int, 
     `what` names the setting in error messages (e.g. "pretrain.dataset=folder:/data/pets"). The
     chosen images keep their seeded-permutation order, so the first k are a random k-subset.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    from .transforms import decode_rgb, image_transform
-
     path = Path(root)
     if not path.is_dir():
         raise ValueError(f"{what}: {root} is not a folder (expected one subfolder of images per class)")

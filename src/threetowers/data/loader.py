@@ -19,12 +19,16 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from torch.utils.data import DataLoader
 
-from ..atomic import write_text_atomic
-from ..config import Config
-from .features import FeatureCache, build_feature_cache, cache_dir_for
-from .sets import as_float, resize_batch
+from ..core.atomic import write_text_atomic
+from ..core.distributed import rank0_first
+from ..core.sets import as_float, resize_batch
+from ..schema import Config
+from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
+from ..world import World
+from .pairs import ShardPairs, collate, load_csv_arrays, stream_captions
+from .tokenizer import Tokenizer
 
 
 def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.ndarray:
@@ -135,8 +139,6 @@ def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: st
     The saved one is reused only if it was trained on the same data (`data_id`, recorded beside it)
     with the same vocabulary size: a new run on other data in the same output directory trains its own.
     """
-    from .tokenizer import Tokenizer
-
     context = cfg.model.text.context_length
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer, context)
@@ -168,31 +170,17 @@ def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Cal
                                                    progress=progress))
 
 
-def rank0_first(make: Callable):
-    """Run `make` on rank 0, then on the other ranks (which find its files on disk and reuse them)."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed:
-        return make()
-    result = make() if dist.get_rank() == 0 else None
-    dist.barrier()
-    return result if dist.get_rank() == 0 else make()
-
-
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
                      third=None) -> ArrayTrainData | StreamTrainData:
     """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, h's embeddings."""
     source = cfg.data.source
     if source == "world":
-        from .world import World
-
         world = World(cfg.data.world, progress=rank == 0)
         pairs = rank0_first(lambda: world.pairs("train"))  # rank 0 renders, the others read its cache
         images, captions, keys = pairs.images, pairs.captions, pairs.keys
         ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))  # keys carry the world's hash
         bad: dict[str, int] = {}
     elif source == "csv":
-        from .pairs import load_csv_arrays
-
         images, captions, keys, bad, identity = load_csv_arrays(cfg.data, cfg.model.image.image_size,
                                                                 progress=rank == 0)
         ds_id = dataset_id("csv", identity, len(keys))
@@ -229,8 +217,6 @@ class StreamTrainData:
                 f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "
                 f"model.method={cfg.model.method}; set data.third_embeddings=online"
             )
-        from .pairs import ShardPairs, stream_captions  # webdataset is imported only for streams
-
         self.per_rank = cfg.train.batch_size // world_size
         self.num_workers = cfg.data.num_workers
         self.dataset = ShardPairs(
@@ -243,10 +229,6 @@ class StreamTrainData:
         self.tokenizer = load_or_train_tokenizer(cfg, stream_captions(self.dataset.urls), cfg.train.output_dir, shards)
 
     def batches(self, start_step: int) -> Iterator[dict]:
-        from torch.utils.data import DataLoader
-
-        from .pairs import collate
-
         for restart in itertools.count():
             self.dataset.set_epoch(start_step + restart)  # also seeds the order: a resume gets a fresh one
             loader = DataLoader(self.dataset, batch_size=self.per_rank, num_workers=self.num_workers,

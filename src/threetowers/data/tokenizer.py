@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from ..atomic import write_text_atomic
+from ..core.atomic import write_text_atomic
 
 PAD, EOT = "<pad>", "<eot>"
 # Names other tokenizers use for the same roles, recognised by `from_file`.

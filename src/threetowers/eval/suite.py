@@ -4,6 +4,10 @@ Works with any object that has `encode_image(images01 [B, 3, H, W]) -> [B, D]` a
 `encode_text(tokens [B, L]) -> [B, D]` (ours, or a wrapped model from another library). A 3T model
 that also has `encode_image_third` (h with its head, h_g(h)) and `encode_text_third` (g_h) gets
 the mixing sweep s_a = (1 - a)<f, g> + a<h_g(h), g_h> for every a in `mixing_alphas`.
+
+Where our model's image side runs the frozen h (LiT, and the mixing sweep), h's features of each
+image set come from an `EvalFeatures` store (`third/store.py`): computed once per (h, set) and
+passed to the model as `cached=`, so that models sharing an h do not run it again.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from threetowers.data.sets import CaptionedSet, LabelledSet, as_float
-from threetowers.eval.retrieval import retrieval_recall_mixed
-from threetowers.eval.zeroshot import class_embeddings, zeroshot_accuracy_mixed
+from ..core.sets import CaptionedSet, LabelledSet, as_float
+from ..third.store import EvalFeatures
+from .retrieval import retrieval_recall_mixed
+from .zeroshot import class_embeddings, zeroshot_accuracy_mixed
+
+Encoder = Callable[[Tensor, slice], Tensor]  # (a prepared batch, its rows in the set) -> embeddings
 
 
 def _device(model: Any) -> torch.device:
@@ -29,16 +36,42 @@ def _device(model: Any) -> torch.device:
 
 
 def _encode(
-    fns: Sequence[Callable[[Tensor], Tensor]], prepare: Callable[[Any], Tensor], items, batch_size: int,
+    fns: Sequence[Encoder], prepare: Callable[[Any], Tensor], items, batch_size: int,
     device: torch.device, desc: str, progress: bool,
 ) -> list[Tensor]:
     """Run every fn on each prepared batch of `items`; one float32 CPU tensor [N, D_k] per fn."""
     outs: list[list[Tensor]] = [[] for _ in fns]
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
-        batch = prepare(items[start : start + batch_size]).to(device)
+        rows = slice(start, start + batch_size)
+        batch = prepare(items[rows]).to(device)
         for out, fn in zip(outs, fns):
-            out.append(fn(batch).float().cpu())
+            out.append(fn(batch, rows).float().cpu())
     return [torch.cat(o) for o in outs]
+
+
+def _text_encoder(fn: Callable[[Tensor], Tensor]) -> Encoder:
+    return lambda batch, rows: fn(batch)
+
+
+def image_encoders(model: Any, images, batch_size: int, device: torch.device, third_features: EvalFeatures,
+                   mixing: bool) -> list[Encoder]:
+    """[f's encoder] (+ [h_g(h)'s] with mixing). h's features of `images` come from `third_features`
+    when one of them runs our model's h; another library's model is called on the pixels."""
+    plain_needs_h = getattr(model, "image_needs_third", False)
+    h = None
+    if (plain_needs_h or mixing) and getattr(model, "third", None) is not None:
+        h = third_features.features(model.third, images, batch_size, device)
+
+    def cached(rows: slice) -> Tensor | None:
+        return None if h is None else h[rows].to(device)
+
+    plain: Encoder = ((lambda batch, rows: model.encode_image(batch, cached=cached(rows))) if plain_needs_h
+                      else (lambda batch, rows: model.encode_image(batch)))
+    if not mixing:
+        return [plain]
+    if h is None:
+        return [plain, lambda batch, rows: model.encode_image_third(batch)]
+    return [plain, lambda batch, rows: model.encode_image_third(batch, cached(rows))]
 
 
 @contextmanager
@@ -55,10 +88,12 @@ def eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
-def encode_images(model: Any, images, batch_size: int = 256) -> Tensor:
+def encode_images(model: Any, images, batch_size: int = 256, third_features: EvalFeatures | None = None) -> Tensor:
     """`model.encode_image` over uint8 images [N, H, W, 3], batched, as one float32 CPU tensor."""
+    device = _device(model)
     with eval_mode(model):
-        return _encode([model.encode_image], as_float, images, batch_size, _device(model), "images", False)[0]
+        fns = image_encoders(model, images, batch_size, device, third_features or EvalFeatures(), mixing=False)
+        return _encode(fns, as_float, images, batch_size, device, "images", False)[0]
 
 
 def _score_pairs(main: tuple[Tensor, Tensor], third: tuple[Tensor, Tensor] | None, alpha: float | None):
@@ -74,6 +109,7 @@ def evaluate(
     batch_size: int = 256,
     mixing_alphas: Sequence[float] | None = None,
     progress: bool = False,
+    third_features: EvalFeatures | None = None,
 ) -> dict[str, float]:
     """Zero-shot metrics for each `LabelledSet`, retrieval Recall@k for each `CaptionedSet`.
 
@@ -81,7 +117,8 @@ def evaluate(
     with mixing (`mixing_alphas` given, and a 3T model: `has_third_pair`, or for another object, one
     with `encode_image_third` and `encode_text_third`) also `{task}/mix@{alpha}/{metric}`; other
     models skip the sweep.
-    An `nn.Module` is put in eval mode for the call and restored afterwards.
+    An `nn.Module` is put in eval mode for the call and restored afterwards. `third_features`: the
+    store of h's features to share across calls (default: one for this call).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -95,8 +132,8 @@ def evaluate(
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"mixing_alphas must lie in [0, 1], got {a}")
     alphas: list[float | None] = [None] + (list(mixing_alphas) if mixing else [])
-    image_fns = [model.encode_image] + ([model.encode_image_third] if mixing else [])
     text_fns = [model.encode_text] + ([model.encode_text_third] if mixing else [])
+    third_features = third_features or EvalFeatures()
     device = _device(model)
     results: dict[str, float] = {}
 
@@ -105,6 +142,7 @@ def evaluate(
 
     with eval_mode(model):
         for name, task in tasks.items():
+            image_fns = image_encoders(model, task.images, batch_size, device, third_features, mixing)
             images = _encode(image_fns, as_float, task.images, batch_size, device, f"{name} images", progress)
             if isinstance(task, LabelledSet):
                 classes = [
@@ -113,9 +151,8 @@ def evaluate(
                 ]
                 targets, metric = task.labels, zeroshot_accuracy_mixed
             else:
-                classes = _encode(
-                    text_fns, tokenizer, task.captions, batch_size, device, f"{name} captions", progress
-                )
+                classes = _encode([_text_encoder(fn) for fn in text_fns], tokenizer, task.captions, batch_size,
+                                  device, f"{name} captions", progress)
                 targets, metric = task.image_of_text, retrieval_recall_mixed
             for alpha in alphas:
                 third = (images[1], classes[1]) if alpha is not None else None

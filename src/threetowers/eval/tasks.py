@@ -7,14 +7,21 @@ The same `run_tasks` serves `threetowers eval`, the trainer's periodic hook and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from ..config import WORLD_TASKS, Config
-from ..data.sets import CaptionedSet, LabelledSet
-from ..models.third_tower import reuse_third_features
+from ..config import WORLD_TASKS, Config, fill_added_fields, load_config, override_layer
+from ..core.sets import CaptionedSet, LabelledSet
+from ..data.folders import class_folder
+from ..data.pairs import load_csv_arrays
+from ..data.tokenizer import Tokenizer
+from ..model.factory import load_model, read_model_meta
+from ..third.store import EvalFeatures
+from ..world import World
 from .fewshot import fewshot_eval
 from .suite import encode_images, evaluate
 
@@ -38,8 +45,6 @@ def build_tasks(cfg: Config, names: list[str] | None = None) -> dict[str, Task]:
     for name in names:
         if name in WORLD_TASKS:
             if world is None:
-                from ..data.world import World
-
                 world = World(cfg.data.world, progress=False)
             kind = name.split("_", 1)[-1]
             if name.startswith("zeroshot"):
@@ -62,8 +67,6 @@ def build_tasks(cfg: Config, names: list[str] | None = None) -> dict[str, Task]:
 
 def folder_task(root: str, image_size: int, max_images: int) -> LabelledSet:
     """Zero-shot classification over a folder with one subfolder per class (names = subfolder names)."""
-    from ..data.folders import class_folder
-
     data = class_folder(root, image_size, max_images, seed=0, what=f"eval task zeroshot:{root}")
     return LabelledSet(data.images, data.labels, [c.replace("_", " ") for c in data.class_names],
                        ["a photo of a {}.", "a picture of a {}.", "an image of the {}."])
@@ -71,9 +74,7 @@ def folder_task(root: str, image_size: int, max_images: int) -> LabelledSet:
 
 def csv_task(cfg: Config, path: str) -> CaptionedSet:
     """Retrieval over a captioned CSV; rows sharing an image path are that image's several captions."""
-    from ..data.pairs import load_csv_arrays
-
-    data_cfg = type(cfg.data)(**{**vars(cfg.data), "source": "csv", "path": path, "augment": False})
+    data_cfg = replace(cfg.data, source="csv", path=path, augment=False)
     images, captions, keys, _, _ = load_csv_arrays(data_cfg, cfg.model.image.image_size, progress=False)
     first: dict[str, int] = {}  # image path (the row's key) -> index of its image
     owner, kept = [], []
@@ -86,21 +87,18 @@ def csv_task(cfg: Config, path: str) -> CaptionedSet:
 
 
 def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int = 256,
-              mixing_alphas: list[float] | None = None) -> dict[str, float]:
-    """All metrics as {task/metric: value}; mixing (3T models only) as {task/mix@a/metric: value}."""
-    # A frozen h gives the same features for the same eval batch in every model and every call: keep them.
-    with reuse_third_features():
-        return _run_tasks(model, tokenizer, tasks, batch_size, mixing_alphas)
+              mixing_alphas: list[float] | None = None, third_features: EvalFeatures | None = None) -> dict[str, float]:
+    """All metrics as {task/metric: value}; mixing (3T models only) as {task/mix@a/metric: value}.
 
-
-def _run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_size: int,
-               mixing_alphas: list[float] | None) -> dict[str, float]:
+    `third_features`: h's features of the sets, shared by every call given the same store (a frozen
+    h gives the same features for the same set in every model); default: a store for this call."""
+    third_features = third_features or EvalFeatures()
     plain = {n: t for n, t in tasks.items() if not isinstance(t, FewShotTask)}
-    results = evaluate(model, tokenizer, plain, batch_size, mixing_alphas) if plain else {}
+    results = evaluate(model, tokenizer, plain, batch_size, mixing_alphas, third_features=third_features) if plain else {}
     for name, task in tasks.items():
         if isinstance(task, FewShotTask):
             shots, seeds = sorted({k for k, _ in task.train}), sorted({s for _, s in task.train})
-            scores = fewshot_eval(lambda images: encode_images(model, images, batch_size),  # the test set once
+            scores = fewshot_eval(lambda images: encode_images(model, images, batch_size, third_features),  # test set once
                                   lambda k, seed, task=task: (task.train[k, seed], task.test), shots, seeds)
             results.update({f"{name}/{k}shot": scores[f"{k}shot/mean"] for k in shots})
     return results
@@ -112,10 +110,31 @@ def trainer_hook(cfg: Config, tokenizer: Callable) -> Callable[[Any, int], dict]
     if not names:
         return None  # world tasks only make sense for models trained on the world
     state: dict[str, Any] = {}
+    third_features = EvalFeatures()  # h is frozen: its features of the sets serve every evaluation of the run
 
     def hook(model: Any, step: int) -> dict:
         if not state:
             state["tasks"] = build_tasks(cfg, names)  # rendered once, on the first call
-        return run_tasks(model, tokenizer, state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas)
+        return run_tasks(model, tokenizer, state["tasks"], cfg.eval.batch_size, cfg.eval.mixing_alphas, third_features)
 
     return hook
+
+
+def evaluate_saved(model_dir: str | Path, tasks: list[str] | None = None,
+                   overrides: list[str] | None = None) -> dict[str, float]:
+    """Evaluate a saved model (a run's model/ or a checkpoint directory) on `tasks` (default: its
+    eval.tasks), with `eval.*` overrides; the Python twin of `threetowers eval`."""
+    directory = Path(model_dir)
+    meta = read_model_meta(directory)
+    base = fill_added_fields(meta["config"])
+    if overrides:
+        base = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), override_layer(overrides)))
+    cfg = load_config(None, base)
+    tokenizer_path = directory / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json; the model cannot encode text without it")
+    # h is needed for LiT (it is the image side) and for the 3T mixing sweep.
+    with_third = cfg.model.method == "lit" or (cfg.model.method == "3t" and bool(cfg.eval.mixing_alphas))
+    model = load_model(directory, with_third=with_third)
+    tokenizer = Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)
+    return run_tasks(model, tokenizer, build_tasks(cfg, tasks), cfg.eval.batch_size, cfg.eval.mixing_alphas)

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from threetowers.atomic import atomic_path, write_text_atomic
+from threetowers.core.atomic import atomic_path, write_text_atomic
 from threetowers.config import WorldConfig
-from threetowers.data.sets import CaptionedSet, LabelledSet
-from threetowers.data.sprites import ANGLES, EXTENT, SCENES, Backdrop, make_source
+from threetowers.core.sets import CaptionedSet, LabelledSet
+from threetowers.world.sprites import ANGLES, EXTENT, SCENES, Backdrop, make_source
 
 RENDER_VERSION = 1  # bump when pixels or captions change for the same config
 

@@ -30,12 +30,14 @@ import importlib
 import os
 
 import torch
+import torchvision
+from timm.models import get_pretrained_cfg_value
 from torch import nn
 
 from .classifier import load_classifier
-from .third_tower import FrozenImageModel, Preprocessing, register_source
-from .towers import timm_pooled
-from .weights import load_weights
+from .registry import FrozenImageModel, Preprocessing, register_source
+from ..towers.build import timm_pooled
+from ..core.formats import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,8 +93,6 @@ def timm_source(cfg) -> FrozenImageModel:
         )
     kwargs, native = {}, (3, 224, 224)
     try:
-        from timm.models import get_pretrained_cfg_value
-
         native = get_pretrained_cfg_value(cfg.name, "input_size") or (3, 224, 224)
         if cfg.input_size and cfg.input_size != native[-1] and get_pretrained_cfg_value(cfg.name, "fixed_input_size"):
             kwargs["dynamic_img_size"] = True
@@ -139,8 +139,6 @@ def torchvision_source(cfg) -> FrozenImageModel:
 
     The preprocessing is that of the model's ImageNet weights (crop size, usually 224; ImageNet
     mean/std). A smaller `model.third.input_size` (e.g. 128) is much cheaper on small images."""
-    import torchvision
-
     names = torchvision.models.list_models(module=torchvision.models)
     if cfg.name not in names:
         close = difflib.get_close_matches(cfg.name, names, n=5, cutoff=0.5)

@@ -10,6 +10,8 @@ and plots. Every run is an ordinary `Config`; the demo only builds the grid.
 from __future__ import annotations
 
 import importlib.util
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..config import Config, ConfigError, load_config, override_layer, resolve_preset
-from ..eval.tasks import WORLD_TASKS, build_tasks, run_tasks
+from ..config import WORLD_TASKS, Config, ConfigError, load_config, override_layer, resolve_preset
+from ..eval.tasks import build_tasks, run_tasks
+from ..third.store import EvalFeatures
+from ..training.contrastive import train
+from ..training.pretrain import pretrain
+from ..world import World
 from .report import write_report
 
 # The third towers of the comparison: name -> the task its labels match ("none": neither).
@@ -68,10 +74,6 @@ def _log(msg: str) -> None:
 
 
 def run_demo(demo: DemoConfig) -> dict:
-    from ..data.world import World
-    from ..train.loop import train
-    from ..train.pretrain import pretrain
-
     out = Path(demo.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -109,6 +111,7 @@ def run_demo(demo: DemoConfig) -> dict:
     # 3.-5. caches, training, evaluation
     runs: list[dict] = []
     timings["cache"] = timings["train"] = timings["eval"] = 0.0
+    third_features = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
     grid = [(m, None) for m in demo.methods if m == "clip"]
     grid += [(m, t) for t in third_overrides for m in demo.methods if m != "clip"]
     for seed in demo.seeds:
@@ -122,7 +125,7 @@ def run_demo(demo: DemoConfig) -> dict:
             t0 = time.perf_counter()
             model, tokenizer = result["model"], result["tokenizer"]
             metrics, mixing = split_mixing(run_tasks(model, tokenizer, tasks, cfg.eval.batch_size,
-                                                     cfg.eval.mixing_alphas))
+                                                     cfg.eval.mixing_alphas, third_features))
             timings["eval"] += time.perf_counter() - t0
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
                          "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
@@ -180,8 +183,6 @@ def settings_line(demo: DemoConfig) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo; elsewhere what the platform module knows)."""
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -194,7 +195,5 @@ def cpu_model() -> str:
 
 def machine() -> str:
     """One line for a report: CPU, cores, GPU, torch."""
-    import os
-
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu_model()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"

@@ -12,8 +12,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from ..atomic import write_text_atomic
+from ..core.atomic import write_text_atomic
 
 # Headline metrics of the table, in order: (key in the metrics dict, column title).
 COLUMNS = [
@@ -165,14 +166,10 @@ def ablation_plan(checked: list[dict]) -> list[str]:
 
 
 def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     cols = columns(agg)
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(cols), 3.6))  # no pyplot: no global figure state
+    axes = fig.subplots(1, len(cols), squeeze=False)
     colours = {"CLIP": "#777777"}
     for ax, (key, title) in zip(axes[0], cols):
         means = [100 * agg[lab].get(key, (np.nan,))[0] for lab in order]
@@ -183,10 +180,10 @@ def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> 
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(directory / "metrics.png", dpi=110)
-    plt.close(fig)
     written.append("metrics.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for run in runs:
         if run.get("curve") and run["seed"] == min(r["seed"] for r in runs):
             steps, losses = zip(*run["curve"])
@@ -195,13 +192,13 @@ def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> 
     ax.set_title("training curves (first seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(directory / "curves.png", dpi=110)
-    plt.close(fig)
     written.append("curves.png")
 
     mixed = [r for r in runs if r.get("mixing")]
     if mixed:
         keys = [k for k, _ in COLUMNS[:4]]
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+        fig = Figure(figsize=(3.2 * len(keys), 3.4))
+        axes = fig.subplots(1, len(keys), squeeze=False)
         for ax, key in zip(axes[0], keys):
             by_third: dict[str, list] = defaultdict(list)
             for run in mixed:
@@ -213,6 +210,5 @@ def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> 
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(directory / "mixing.png", dpi=110)
-        plt.close(fig)
         written.append("mixing.png")
     return written

@@ -11,9 +11,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import ConfigError, fill_added_fields, load_config
+from .. import (
+    ConfigError, EvaluationFailed, TrainingStopped, __version__, evaluate, list_sources, load_config, pretrain, train,
+)
+from ..core.atomic import write_json_atomic
+from ..core.distributed import world_size_from_env
+from ..data.loader import build_train_data
+from ..model.factory import build_third
+from ..training.checkpoint import CheckpointError
+from ..world import World
+from .demo import load_demo_config, run_demo
 
 DESCRIPTION = """\
 threetowers: contrastive vision-language training with pretrained image models.
@@ -48,7 +58,7 @@ examples:
       -m threetowers train 3t                             # 2 machines (run on each; shared output_dir)
 
 A run writes <output_dir>/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_NNNNNNN/
-and, at the end, model/ (load it with threetowers.models.model.load_model). By default a run
+and, at the end, model/ (load it with threetowers.load_model). By default a run
 resumes from the newest valid checkpoint in its output_dir (--resume auto).
 """
 
@@ -76,8 +86,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The validated Config of a subcommand's CONFIG + overrides (+ --resume), for this world size."""
-    from .train.distributed import world_size_from_env
-
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"train.resume={args.resume}")
@@ -96,8 +104,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.loop import train
-
     result = train(config_from_args(args))
     _print_result(result)
     return 0
@@ -112,16 +118,12 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train.pretrain import pretrain
-
     result = pretrain(config_from_args(args))
     _print_result(result)
     return 0
 
 
 def _print_result(result) -> None:
-    from .train.distributed import world_size_from_env
-
     if int(os.environ.get("RANK", "0")) != 0 and world_size_from_env() > 1:
         return
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("eval/", "train/loss", "train/acc"))
@@ -149,8 +151,6 @@ def add_world(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from .data.world import World
-
     cfg = load_config(None, list(args.overrides))
     World(cfg.data.world).show(args.output, n=args.n, what=args.what)
     print(f"wrote {args.output}")
@@ -171,17 +171,13 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .data.loader import build_train_data
-    from .models.third_tower import load_third_tower
-
     cfg = config_from_args(args)
     if cfg.model.method == "clip":
         raise ConfigError("model.method=clip has no third tower to cache; use a lit or 3t config")
     if cfg.data.third_embeddings != "cache":
         raise ConfigError("data.third_embeddings=online runs h during training; set it to cache to build a cache")
-    third = load_third_tower(cfg.model.third)
-    data = build_train_data(cfg, third=third)
-    cache = data.third_cache
+    third = build_third(cfg)
+    cache = build_train_data(cfg, third=third).third_cache
     print(f"{len(cache)} embeddings of {third.name} ({third.dim}-d) in {cache.directory}")
     return 0
 
@@ -205,40 +201,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .data.tokenizer import Tokenizer
-    from .eval.tasks import build_tasks, run_tasks
-    from .atomic import write_json_atomic
-    from .models.model import load_model, read_model_meta
-
-    directory = Path(args.model)
-    meta = read_model_meta(directory)
-    base = fill_added_fields(meta["config"])
-    cfg = load_config(None, _merge_overrides(base, args.overrides) if args.overrides else base)
-    tokenizer_path = directory / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; the model cannot encode text without it")
-    # h is needed for LiT (it is the image side) and for the 3T mixing sweep.
-    model = load_model(directory, with_third=cfg.model.method == "lit" or bool(cfg.eval.mixing_alphas)
-                       and cfg.model.method == "3t")
-    tokenizer = Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)
-    results = run_tasks(model, tokenizer, build_tasks(cfg, args.tasks), cfg.eval.batch_size, cfg.eval.mixing_alphas)
+    results = evaluate(args.model, args.tasks, list(args.overrides))
     width = max(len(k) for k in results) if results else 0
     for key, value in results.items():
         print(f"{key:<{width}}  {100 * value:6.2f}")
-    out = Path(args.out) if args.out else directory / "eval.json"
+    out = Path(args.out) if args.out else Path(args.model) / "eval.json"
     write_json_atomic(out, results)
     print(f"wrote {out}")
     return 0
-
-
-def _merge_overrides(base: dict, overrides: list[str]) -> dict:
-    from omegaconf import OmegaConf
-
-    from .config import override_layer
-
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), override_layer(overrides)))
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -264,21 +234,34 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments.demo import load_demo_config, run_demo
-
     preset = args.preset or ("demo/quick" if args.quick else "demo/full")
     run_demo(load_demo_config(preset, list(args.overrides), run_overrides=args.run))
     return 0
 
 
+def add_sources(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sources", help="list the third-tower sources (model.third.source)",
+                       description="List the registered sources of the frozen third tower h: the values "
+                                   "model.third.source accepts (besides none). A plugin adds one with "
+                                   "threetowers.register_source.",
+                       epilog="example:\n  threetowers sources", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_sources)
+
+
+def cmd_sources(args: argparse.Namespace) -> int:
+    sources = list_sources()
+    width = max(map(len, sources))
+    for name, summary in sources.items():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
 # Subcommands in the order `--help` lists them; a new one is an `add_<name>` function added here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_demo, add_train, add_pretrain, add_eval, add_cache, add_world]
+    add_demo, add_train, add_pretrain, add_eval, add_cache, add_world, add_sources]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="threetowers", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"threetowers {__version__}")
@@ -302,9 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = os.environ.get("THREETOWERS_DEBUG", "") not in ("", "0")
-    from .train.checkpoint import CheckpointError
-    from .train.loop import EvaluationFailed, TrainingStopped
-
     try:
         return args.func(args)
     except ConfigError as err:

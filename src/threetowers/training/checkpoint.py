@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from ..core.formats import CHECKPOINT_FORMAT, FormatError, check_format, stamp
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.pt"
-FORMAT = "threetowers-checkpoint"
 _PREFIX = "step_"
 
 
@@ -136,7 +137,7 @@ def atomic_directory(final: str | Path, manifest_extra: dict | None = None) -> I
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
             files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest = {"format": FORMAT, "version": 1, "created": time.time(), **(manifest_extra or {}), "files": files}
+        manifest = stamp(CHECKPOINT_FORMAT, {"created": time.time(), **(manifest_extra or {}), "files": files})
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
@@ -169,8 +170,12 @@ def verify(directory: str | Path) -> str | None:
         return f"{MANIFEST} is missing (the write did not finish)"
     except (OSError, ValueError) as err:
         return f"{MANIFEST} is unreadable ({err})"
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        return f"{MANIFEST} is not a threetowers manifest"
+    try:
+        check_format(manifest, CHECKPOINT_FORMAT, directory / MANIFEST)
+    except FormatError as err:
+        return str(err)
+    if not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST} lists no files"
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():

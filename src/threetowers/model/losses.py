@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from ..core.distributed import gather_with_grad, rank
 
 # Named embeddings a term can align; see shared/DESIGN.md.
 EMBEDDINGS = ("image", "text", "image_h", "text_h", "third_f", "third_g")
@@ -43,19 +44,6 @@ def method_terms(method: str, weights_3t: list[float] | tuple[float, ...] = (1 /
     raise ValueError(f"model.method={method!r}; expected clip, lit or 3t")
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows concatenated in rank order; gradients flow back to the rank they came from."""
-    if not _distributed():
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
 def contrastive_loss(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | float | None = None,
     kind: str = "softmax",
@@ -76,7 +64,7 @@ def contrastive_loss(
         a, b = a.float(), b.float()
         n = a.shape[0]
         a_all, b_all = gather_with_grad(a), gather_with_grad(b)
-        offset = dist.get_rank() * n if _distributed() else 0
+        offset = rank() * n
         labels = torch.arange(n, device=a.device) + offset
         if kind == "softmax":
             logits_ab = scale * a @ b_all.T

@@ -12,10 +12,11 @@ import gc
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -126,3 +127,44 @@ def all_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only; every rank gets its result, or raises its exception."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+            if not info.enabled:
+                raise
+            error = err
+    result, error = broadcast_object((result, error), info)
+    if error is not None:
+        raise error
+    return result
+
+
+def rank0_first(make: Callable[[], Any]) -> Any:
+    """Run `make` on rank 0, then on the other ranks (which find its files on disk and reuse them)."""
+    if not is_distributed():
+        return make()
+    result = make() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if dist.get_rank() == 0 else make()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order; gradients flow back to the rank they came from."""
+    if not is_distributed():
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)

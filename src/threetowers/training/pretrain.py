@@ -10,58 +10,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data.sets import LabelledSet, as_float
+from ..config import resolve_config
+from ..core.distributed import init_distributed, on_main, shutdown
+from ..core.sets import LabelledSet, as_float, resize_batch
+from ..data.labelled import labelled_sets
+from ..data.loader import labelled_train_data
+from ..schema import Config
+from ..third.classifier import Classifier, load_classifier, save_classifier
 from .checkpoint import check_writable
-from .distributed import init_distributed, shutdown
-from .loop import Job, TrainResult, on_main, resolve_config, run, runtime
-
-
-def labelled_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
-    """(train, held-out) sets of `pretrain.dataset`, with at most num_images / num_heldout images."""
-    p = cfg.pretrain
-    if p.dataset in ("world_object", "world_scene"):
-        from ..data.world import World
-
-        world = World(cfg.data.world)
-        kind = p.dataset.split("_", 1)[1]
-        return world.labelled(kind, p.num_images), world.labelled(kind, p.num_heldout, split="heldout")
-    if p.dataset == "fashion_mnist":
-        return _fashion_mnist(p.num_images, p.num_heldout)
-    return _folder(p.dataset[len("folder:"):], cfg.model.image.image_size, p.num_images, p.num_heldout, cfg.train.seed)
-
-
-def _fashion_mnist(n_train: int, n_heldout: int) -> tuple[LabelledSet, LabelledSet]:
-    """The plain Fashion-MNIST classification task (train split / test split), grey images as RGB."""
-    from ..data.sprites import FashionMNISTSource
-
-    source = FashionMNISTSource()  # a clear message (how to install) when the files are missing
-
-    def split(heldout: bool, n: int) -> LabelledSet:
-        images, labels = source.arrays(heldout)
-        return LabelledSet(np.repeat(images[:n, ..., None], 3, axis=-1), labels[:n], list(source.classes))
-
-    return split(False, n_train), split(True, n_heldout)
-
-
-def _folder(root: str, size: int, n_train: int, n_heldout: int, seed: int) -> tuple[LabelledSet, LabelledSet]:
-    """A folder with one subfolder per class; a seeded split into held-out and train images."""
-    from ..data.folders import class_folder
-
-    data = class_folder(root, size, n_heldout + n_train, seed, f"pretrain.dataset=folder:{root}", min_classes=2)
-    held = min(n_heldout, len(data.labels) // 2)  # a small folder: half of it held out
-    return (LabelledSet(data.images[held:], data.labels[held:], data.class_names),
-            LabelledSet(data.images[:held], data.labels[:held], data.class_names))
+from .trainer import Job, TrainResult, run, runtime
 
 
 def heldout_top1(model: nn.Module, heldout: LabelledSet, image_size: int, batch_size: int) -> float:
     """Top-1 accuracy of a model whose forward({"image", "label"}) reports "acc"."""
-    from ..data.loader import resize_batch
-
     device = next(model.parameters()).device
     correct = 0.0
     for start in range(0, len(heldout.labels), batch_size):
@@ -74,9 +38,6 @@ def heldout_top1(model: nn.Module, heldout: LabelledSet, image_size: int, batch_
 def pretrain(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None) -> TrainResult:
     """Train a classifier as configured; result["heldout_top1"] is its held-out top-1 accuracy.
     The model is saved to <output_dir>/model and loads as h with model.third.source=checkpoint."""
-    from ..data.loader import labelled_train_data
-    from ..models.classifier import Classifier, load_classifier, save_classifier
-
     cfg = resolve_config(cfg_or_preset, overrides)
     info = init_distributed(cfg.train.device)
     try:

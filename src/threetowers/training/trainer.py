@@ -1,8 +1,8 @@
-"""The trainer: one step-based loop for any model whose `forward(batch)` returns a dict with "loss".
+"""The trainer: one step-based loop for any `Job` whose model's `forward(batch)` returns a dict with "loss".
 
-`train` builds the contrastive job (CLIP, LiT and 3T are the same `ThreeTowers` model, configured);
-`pretrain` (train/pretrain.py) builds a classifier job; both run through `run`, which reads top to
-bottom in phases: resume -> output directory -> the loop (micro-batches, update, logs, evals,
+The jobs are `training/contrastive.py` (CLIP, LiT and 3T: the same `ThreeTowers` model, configured)
+and `training/pretrain.py` (a classifier that later serves as h); both run through `run`, which reads
+top to bottom in phases: resume -> output directory -> the loop (micro-batches, update, logs, evals,
 checkpoints) -> final model.
 
 Gradient accumulation: each step's batch (this rank's share of `train.batch_size`) is split into
@@ -18,31 +18,28 @@ bit for bit. On CPU a killed and resumed run ends with the same weights as an un
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import write_text_atomic
-from ..config import Config, ConfigError, check_eval_paths, load_config, override_layer, to_dict, to_yaml, validate
+from ..config import to_dict, to_yaml
+from ..core.atomic import write_text_atomic
+from ..core.distributed import (
+    DistInfo, all_mean, barrier, gather_objects, on_main, unwrap, wrap_model,
+)
+from ..schema import Config
 from .checkpoint import (
     TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
-)
-from .distributed import (
-    DistInfo, all_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown, unwrap,
-    world_size_from_env, wrap_model,
 )
 from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
@@ -58,13 +55,21 @@ class EvaluationFailed(RuntimeError):
     """Training finished and the model was saved, but an evaluation raised."""
 
 
+class TrainData(Protocol):
+    """What the loop reads: one batch per step from any step on, and the bad samples counted so far."""
+
+    def batches(self, start_step: int) -> Iterator[dict]: ...
+
+    def bad_samples(self) -> dict[str, int]: ...
+
+
 @dataclass
 class Job:
     """What the loop trains, and how its weights are written to and read from a directory."""
 
     name: str
     model: nn.Module  # forward(batch) -> {"loss": scalar, other scalars to log, ...}
-    data: Any  # .batches(start_step) -> one batch per step; .bad_samples() -> {reason: count}
+    data: TrainData
     save_model: Callable[[nn.Module, Path], None]
     load_weights: Callable[[nn.Module, Path], None]
 
@@ -101,18 +106,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- setup
 
 
-def resolve_config(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
-                   world_size: int | None = None) -> Config:
-    """A validated private copy of the config: from a Config, a preset name or a YAML path, plus overrides."""
-    world_size = world_size or world_size_from_env()
-    if not isinstance(cfg_or_preset, Config):
-        return load_config(cfg_or_preset, overrides, world_size=world_size)
-    if not overrides:
-        return validate(copy.deepcopy(cfg_or_preset), world_size)
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg_or_preset)), override_layer(overrides))
-    return load_config(None, OmegaConf.to_container(merged), world_size=world_size)
-
-
 @contextmanager
 def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
     """Threads, seeds and numerics of this process for the run; threads and TF32 are restored after.
@@ -138,95 +131,8 @@ def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only; every rank gets its result, or raises its exception."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn()
-        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
-            if not info.enabled:
-                raise
-            error = err
-    result, error = broadcast_object((result, error), info)
-    if error is not None:
-        raise error
-    return result
-
-
 def _report(info: DistInfo) -> Callable[[str], None]:
     return (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
-
-
-# ----------------------------------------------------------------------------- contrastive job
-
-
-def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:
-    """The public model format (model.safetensors + model.json) plus the tokenizer it was trained with."""
-    from ..models.model import save_model
-
-    save_model(model, directory)
-    if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.json")
-
-
-def load_contrastive(model: nn.Module, directory: Path) -> None:
-    """Weights of a saved ThreeTowers model into `model` (h is not stored; it must be the same h)."""
-    from ..models.model import load_weights, read_model_meta
-
-    meta = read_model_meta(directory)
-    third = getattr(model, "third_info", None)
-    if third and meta.get("third") and third["fingerprint"] != meta["third"]["fingerprint"]:
-        raise CheckpointError(f"{directory} was trained with third tower {meta['third']['name']} (weights "
-                              f"{meta['third']['fingerprint'][:12]}), not {third['name']} ({third['fingerprint'][:12]})")
-    load_weights(model, directory, meta)
-
-
-def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
-          evaluate: Evaluate | None = None, *, third: nn.Module | None = None, data: Any = None) -> TrainResult:
-    """Train CLIP, LiT or 3T as configured; the Python twin of `threetowers train`.
-
-    `evaluate(model, step) -> {name: value}` runs on rank 0 every `eval.every` steps and at the end,
-    on the unwrapped model in eval mode under no_grad; its results are logged as `eval/<name>`. The
-    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. When the data is
-    built from the config, the default is the suite over `eval.tasks`
-    (threetowers.eval.tasks.trainer_hook); with your own `data`, pass `evaluate` yourself. `third`
-    (a built h) and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`)
-    replace the ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
-    """
-    cfg = resolve_config(cfg_or_preset, overrides)
-    info = init_distributed(cfg.train.device)
-    try:
-        with runtime(cfg, info):
-            on_main(info, lambda: check_writable(cfg.train.output_dir))
-            check_eval_paths(cfg.eval)
-            if third is None and cfg.model.method != "clip":
-                from ..models.third_tower import load_third_tower
-
-                third = load_third_tower(cfg.model.third)
-            t0 = time.perf_counter()
-            if data is None:
-                from ..data.loader import build_train_data
-                from ..eval.tasks import trainer_hook
-
-                data = build_train_data(cfg, info.rank, info.world_size, third=third)
-                evaluate = evaluate or trainer_hook(cfg, data.tokenizer)
-            data_seconds = time.perf_counter() - t0
-            tokenizer = getattr(data, "tokenizer", None)
-            if tokenizer is not None:
-                cfg.model.text.vocab_size = tokenizer.vocab_size
-                on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
-            from ..models.model import ThreeTowers
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-                model = ThreeTowers(cfg, third=third)
-            job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
-            result = run(cfg, job, info, evaluate)
-        result.tokenizer, result.data_seconds = tokenizer, data_seconds
-        return result
-    finally:
-        shutdown(info)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -526,4 +432,4 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
-__all__ = ["train", "run", "Job", "TrainResult", "TrainingStopped", "EvaluationFailed", "forward_backward", "resolve_config", "ConfigError"]
+__all__ = ["run", "runtime", "Job", "TrainData", "TrainResult", "TrainingStopped", "EvaluationFailed", "forward_backward"]

@@ -15,6 +15,8 @@ from torch import nn
 
 from ..config import OptimConfig
 
+from ..model.losses import TermLoss
+
 # Parameter names (the last component) that are embeddings even though they are plain nn.Parameters.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "token_embed", "position_embedding", "positional_embedding",
                     "class_embedding", "reg_token", "dist_token", "mask_token")
@@ -24,8 +26,6 @@ _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseN
 
 def _no_decay_module(module: nn.Module) -> bool:
     # The loss module (temperatures, sigmoid bias) and every norm/embedding, however it is named.
-    from ..losses import TermLoss
-
     return isinstance(module, _NO_DECAY_MODULES + (TermLoss,)) or "Norm" in type(module).__name__
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 
+import timm
 import torch
 from torch import nn
 
 from .text import TextTransformer
 from .vit import VisionTransformer
-from .weights import load_weights
+from ..core.formats import load_weights
 
 
 class TimmTower(nn.Module):
@@ -48,8 +49,6 @@ def timm_pooled(name: str, weights: str = "", pretrained_hub: bool = False, **kw
 
 def create_timm(name: str, pretrained_hub: bool = False, **kwargs) -> nn.Module:
     """timm.create_model with num_classes=0; an unknown name lists the closest known names."""
-    import timm
-
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise ValueError(f"timm has no model named {name!r}" + (f"; closest: {', '.join(close)}" if close else ""))

@@ -7,7 +7,6 @@ consumes (the pre-logits).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -15,15 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ImageTowerConfig, fill_added_fields
-from ..atomic import write_json_atomic
-from .model import MODEL_FORMAT, save_safetensors_atomic
-from .third_tower import Preprocessing
-from .towers import build_image_tower
-from .weights import load_weights
-
-CLASSIFIER_FORMAT = "threetowers-classifier"
-CLASSIFIER_VERSION = 1
+from ..core.formats import CLASSIFIER_FORMAT, load_weights, read_meta, save_safetensors_atomic, saved_dir, write_meta
+from ..schema import ImageTowerConfig, fill_added_fields
+from ..towers.build import build_image_tower
+from .registry import Preprocessing
 
 
 class Classifier(nn.Module):
@@ -74,51 +68,26 @@ def save_classifier(model: Classifier, directory: str | Path, class_names: list[
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_safetensors_atomic(state, directory / "model.safetensors")
-    meta = {
-        "format": CLASSIFIER_FORMAT,
-        "version": CLASSIFIER_VERSION,
+    write_meta(directory / "model.json", CLASSIFIER_FORMAT, {
         "image": asdict(model.image_cfg),
         "num_classes": model.num_classes,
         "class_names": list(class_names),
         "preprocessing": model.preprocessing().to_dict(),
         **(extra or {}),
-    }
-    write_json_atomic(directory / "model.json", meta)
+    })
     return directory
-
-
-def _checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory, also when given its model.json or model.safetensors."""
-    path = Path(path)
-    return path.parent if path.is_file() and path.name in ("model.json", "model.safetensors") else path
 
 
 def read_classifier_meta(directory: str | Path) -> dict:
     """model.json of a classifier checkpoint; anything else is refused with what it is instead."""
-    directory = _checkpoint_dir(directory)
-    path = directory / "model.json"
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a classifier checkpoint of `threetowers pretrain`: "
-                         f"{path.name} is missing")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
-    found = meta.get("format", "unknown") if isinstance(meta, dict) else "unknown"
-    if found != CLASSIFIER_FORMAT:
-        what = "a contrastive model (CLIP/LiT/3T)" if found == MODEL_FORMAT else f"a {found!r} file"
-        raise ValueError(f"{directory} is not a classifier: its model.json describes {what}, not "
-                         f"{CLASSIFIER_FORMAT!r} (written by `threetowers pretrain`)")
-    if meta.get("version", 0) > CLASSIFIER_VERSION:
-        raise ValueError(f"{path} has classifier format version {meta['version']}; this threetowers reads "
-                         f"version {CLASSIFIER_VERSION} (upgrade threetowers)")
-    return meta
+    return read_meta(saved_dir(directory) / "model.json", CLASSIFIER_FORMAT,
+                     "a classifier is written by `threetowers pretrain`")
 
 
 def load_classifier(directory: str | Path) -> tuple[Classifier, dict]:
     """Rebuild a saved classifier (eval mode) and return it with its model.json."""
     meta = read_classifier_meta(directory)
-    directory = _checkpoint_dir(directory)
+    directory = saved_dir(directory)
     known = {f.name for f in fields(ImageTowerConfig)}
     unknown = sorted(set(meta["image"]) - known)
     if unknown:

@@ -1,4 +1,11 @@
-"""A cache of the frozen tower's embeddings, keyed by sample key: h runs once per dataset.
+"""h's embeddings, computed once: the training cache on disk and the evaluation store in memory.
+
+h is frozen, so its output depends only on its weights, its preprocessing and the image. Training
+reads a cache on disk keyed by sample key (`build_feature_cache`, `FeatureCache`); evaluation keeps
+h's features of each evaluation set in an `EvalFeatures` object that its owner (the demo, a
+trainer's periodic evaluation, one `threetowers eval`) passes to every model it evaluates.
+
+The training cache:
 
 Layout of a cache directory:
     manifest.json      h's identity (name, weights fingerprint, preprocessing, dim, dtype),
@@ -26,9 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_json_atomic, write_text_atomic
-
-CACHE_FORMAT = "threetowers-feature-cache"
+from ..core.sets import as_float
+from ..core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..core.formats import CACHE_FORMAT, check_format, stamp
 
 
 class CacheMismatch(ValueError):
@@ -36,18 +43,20 @@ class CacheMismatch(ValueError):
 
 
 def cache_identity(third_info: dict, dataset_id: str, num_rows: int) -> dict:
-    return {
-        "format": CACHE_FORMAT,
-        "version": 1,
+    return stamp(CACHE_FORMAT, {
         "third": {k: third_info[k] for k in ("name", "fingerprint", "preprocessing", "dim")},
         "dataset": dataset_id,
         "rows": num_rows,
         "dtype": "float16",
-    }
+    })
 
 
 def _check(manifest: dict, expected: dict, directory: Path) -> None:
-    for field in ("format", "dataset", "rows", "dtype"):
+    try:
+        check_format(manifest, CACHE_FORMAT, directory / "manifest.json")
+    except ValueError as err:
+        raise CacheMismatch(f"{err}; delete it or choose another data.cache_dir") from None
+    for field in ("dataset", "rows", "dtype"):
         if manifest.get(field) != expected[field]:
             raise CacheMismatch(
                 f"embedding cache {directory} was built for {field}={manifest.get(field)!r}, "
@@ -154,3 +163,30 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class EvalFeatures:
+    """h's features of evaluation image sets, one tensor per (h, set), kept while this object lives.
+
+    Evaluating several models that share an h on the same sets (the demo's runs, a trainer's
+    periodic evaluation) then runs h once per set instead of once per model. A set is identified by
+    its array object (held here, so the identity cannot be reused), h by its fingerprint and
+    preprocessing. Nothing is global: whoever creates the store decides what it serves.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}
+
+    def features(self, third: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+        """h(images) as float32 [N, D] on the CPU; uint8 images [N, H, W, 3] go through h in batches."""
+        key = (third.fingerprint, third.preprocessing, id(images))
+        held = self._sets.get(key)
+        if held is not None and held[0] is images:
+            return held[1]
+        with torch.no_grad():
+            chunks = [third(as_float(images[s:s + batch_size]).to(device)).float().cpu()
+                      for s in range(0, len(images), batch_size)]
+        features = torch.cat(chunks) if chunks else torch.zeros(0, third.dim)
+        self._sets[key] = (images, features)
+        return features

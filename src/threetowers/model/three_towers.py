@@ -1,48 +1,47 @@
-"""One model for CLIP, LiT and 3T: towers, heads and the term loss, built from the config.
+"""One model for CLIP, LiT and 3T: built towers, heads and the term loss.
 
-Which modules exist follows from the terms the method needs; which parameters train follows from
-which modules exist (h is frozen by construction). `forward(batch)` returns the loss, its parts and
+`ThreeTowers` takes towers already built (`model/factory.py` builds them and h, and does all file
+I/O); it only adds the heads the method's terms need. Which modules exist follows from the terms;
+which parameters train follows from which modules exist (h is frozen by construction). `forward(batch)` returns the loss, its parts and
 the named embeddings; `encode_image` / `encode_text` give the inference pair (f, g), or (h, g_h) for
 LiT. h is not used at inference for CLIP and 3T.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_path, write_json_atomic
-from ..config import Config, from_dict, to_dict
-from ..data.sets import resize_batch
-from ..losses import TermLoss, method_terms
-from .heads import make_head
-from .third_tower import ThirdTower, load_third_tower
-from .towers import build_image_tower, build_text_tower
+from ..core.sets import resize_batch
+from ..schema import Config
+from ..third.tower import ThirdTower
+from ..towers.heads import make_head
+from .losses import TermLoss, method_terms
 
-MODEL_FORMAT = "threetowers-model"
+
+def needed_embeddings(cfg: Config) -> set[str]:
+    """The named embeddings the method's loss terms compare (e.g. {"image", "text"} for CLIP)."""
+    return {name for t in method_terms(cfg.model.method, cfg.loss.weights) for name in (t.a, t.b)}
 
 
 class ThreeTowers(nn.Module):
-    def __init__(self, cfg: Config, third: ThirdTower | None = None, third_info: dict | None = None):
-        """`third`: a built h (else built from cfg.model.third). `third_info`: build without h, knowing
-        only its identity (inference with f and g, or training on cached h embeddings)."""
+    def __init__(self, cfg: Config, image_tower: nn.Module | None, text_tower: nn.Module,
+                 third: ThirdTower | None = None, third_info: dict | None = None):
+        """Built towers: f (None when no term needs it, as in LiT), g, and h, or only h's identity
+        `third_info` (inference with f and g, or training on cached h embeddings)."""
         super().__init__()
         self.cfg = cfg
         m = cfg.model
         self.method = m.method
         self.terms = method_terms(m.method, cfg.loss.weights)
-        self.used = used = {name for t in self.terms for name in (t.a, t.b)}  # the named embeddings
-
-        self.image_tower = build_image_tower(m.image) if used & {"image", "image_h"} else None
-        self.text_tower = build_text_tower(m.text)
+        self.used = used = needed_embeddings(cfg)
+        if (image_tower is None) != (not used & {"image", "image_h"}):
+            raise ValueError(f"model.method={m.method} {'needs' if image_tower is None else 'has no use for'} an image tower f")
         if m.method != "clip" and third is None and third_info is None:
-            third = load_third_tower(m.third)
+            raise ValueError(f"model.method={m.method} needs its third tower h, or at least h's identity (third_info)")
+        self.image_tower = image_tower
+        self.text_tower = text_tower
         self.third = third
         self.third_info = third.info() if third is not None else third_info
 
@@ -76,7 +75,8 @@ class ThreeTowers(nn.Module):
                                  f"for {self.third_info['name']}")
             return cached.float()
         if self.third is None:
-            raise ValueError("this model was built without its third tower h; pass cached embeddings as batch['third']")
+            raise ValueError("this model was built without its third tower h; pass cached embeddings as batch['third'] "
+                             "(or load it with with_third=True)")
         return self.third(images)
 
     def embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -106,11 +106,17 @@ class ThreeTowers(nn.Module):
         total, parts = self.loss(emb)
         return {"loss": total, **parts, "embeddings": emb}
 
+    @property
+    def image_needs_third(self) -> bool:
+        """Whether `encode_image` runs h (LiT): an evaluation may then pass h's features as `cached`."""
+        return self.method == "lit"
+
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] at any size (resized to the tower's) -> L2-normalised embeddings."""
-        if self.method == "lit":
-            return self.encode_image_third(images)
+    def encode_image(self, images: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] at any size (resized to the tower's) -> L2-normalised embeddings.
+        `cached`: h's features of these images, for LiT (whose image side is h)."""
+        if self.image_needs_third:
+            return self.encode_image_third(images, cached)
         images = resize_batch(images, self.cfg.model.image.image_size)  # as in training, for any tower kind
         return F.normalize(self.proj_image(self.image_tower(images)).float(), dim=-1)
 
@@ -138,79 +144,3 @@ class ThreeTowers(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but h (h is identified by its fingerprint and rebuilt from its source)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("third.")}
-
-
-# ---------------------------------------------------------------------- save / load
-
-
-def save_model(model: ThreeTowers, directory: str | Path, extra: dict | None = None) -> Path:
-    """model.safetensors + model.json (config, h's identity) in `directory`, each written atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    # Shared heads are one tensor under two names; safetensors refuses aliases, so store each once.
-    seen: dict[int, str] = {}
-    aliases = {}
-    for k in list(state):
-        ptr = state[k].data_ptr()
-        if ptr in seen:
-            aliases[k] = seen[ptr]
-            del state[k]
-        else:
-            seen[ptr] = k
-    save_safetensors_atomic(state, directory / "model.safetensors")
-    meta = {"format": MODEL_FORMAT, "version": 1, "config": to_dict(model.cfg), "third": model.third_info,
-            "aliases": aliases, **(extra or {})}
-    write_json_atomic(directory / "model.json", meta)
-    return directory
-
-
-def read_model_meta(directory: str | Path) -> dict:
-    path = Path(directory) / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved threetowers model: {path.name} is missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} holds a {meta.get('format', 'unknown')!r} checkpoint, not a contrastive model "
-                         f"({MODEL_FORMAT}); a classifier from `pretrain` loads as a third tower "
-                         "(model.third.source=checkpoint)")
-    return meta
-
-
-def load_model(directory: str | Path, with_third: bool | None = None) -> ThreeTowers:
-    """Rebuild a saved model. h is rebuilt from its source only when needed (LiT) or asked for,
-    and must have the fingerprint recorded at training time."""
-    meta = read_model_meta(directory)
-    cfg = from_dict(meta["config"])
-    if with_third is None:
-        with_third = cfg.model.method == "lit"
-    third = load_third_tower(cfg.model.third) if with_third and cfg.model.method != "clip" else None
-    if third is not None and meta["third"] and third.fingerprint != meta["third"]["fingerprint"]:
-        raise ValueError(f"the third tower {third.name} rebuilt from {cfg.model.third.source} differs from the one "
-                         f"this model was trained with (weights fingerprint {third.fingerprint[:12]} vs "
-                         f"{meta['third']['fingerprint'][:12]})")
-    model = ThreeTowers(cfg, third=third, third_info=meta["third"])
-    load_weights(model, directory, meta)
-    return model.eval()
-
-
-def load_weights(model: ThreeTowers, directory: str | Path, meta: dict) -> None:
-    """The saved weights in `directory` into `model`, strictly, except h: it is not stored, and the
-    model keeps the h it was built with."""
-    state = load_file(str(Path(directory) / "model.safetensors"))
-    for alias, target in meta.get("aliases", {}).items():
-        state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("third.")]
-    if missing or unexpected:
-        raise ValueError(f"{directory}/model.safetensors does not fit its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-
-
-def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write tensors (contiguous, on CPU) to a safetensors file atomically."""
-    with atomic_path(path) as tmp:
-        try:
-            save_file(state, str(tmp))
-        except SafetensorError as err:  # safetensors reports a full disk or a failed write as its own error type
-            raise OSError(f"could not write {path}: {err}") from None

@@ -1,0 +1,221 @@
+"""The run configuration's schema: typed dataclasses, their defaults, and what old saved configs meant.
+
+Only data lives here, so that every layer (towers, h's sources, data, training) can take its
+section of the config without importing the loading and validation code in `config.py`, which in
+turn asks the registries above (h's sources) what is allowed. A whole run is one `Config`;
+methods (clip, lit, 3t) are presets of it, not code paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+METHODS = ("clip", "lit", "3t")
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: the message names the field and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ImageTowerConfig:
+    """The trained image tower f: our ViT, or any timm model by name."""
+
+    kind: str = "vit"  # vit | timm
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    # Defaults chosen by the ablation in docs/towers.md (benchmarks/bench_quality.py).
+    pool: str = "cls"  # cls (a class token) | gap (mean over the patch tokens)
+    pre_norm: bool = True  # a LayerNorm on the embedded patches before the first block (CLIP's ln_pre)
+    patch_bias: bool = False  # a bias in the patch embedding (redundant with pre_norm's offset)
+    init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
+    timm_name: str = ""  # kind=timm: model name, created with num_classes=0 (pooled features)
+    weights: str = ""  # optional local weights file (safetensors or state dict) for kind=timm
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class TextTowerConfig:
+    """The trained text tower g: a transformer over BPE tokens."""
+
+    vocab_size: int = 4096  # must match the tokenizer; `train` sets it from the tokenizer
+    context_length: int = 32
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens)
+    init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
+
+
+@dataclass
+class ThirdTowerConfig:
+    """The frozen pretrained image model h (3T's third tower, LiT's locked image tower)."""
+
+    source: str = "none"  # none, or a registered source: checkpoint | timm | torchvision | efficientnet_lite0 | callable | a plugin's
+    name: str = ""  # timm/torchvision model name, or `package.module:callable`
+    path: str = ""  # checkpoint of our `pretrain`, or a local weights file
+    heads: str = "none"  # learned linear heads on h: none | shared | per_term
+    head_dim: int = 0  # output size of heads on h; 0 = h's own embedding size
+    input_size: int = 0  # 0 = the source's own input size; else resize h's input to this
+
+
+@dataclass
+class ModelConfig:
+    method: str = "clip"  # clip | lit | 3t
+    embed_dim: int = 128  # the shared space of f and g
+    head: str = "linear"  # projection/adaptor head kind: linear | mlp
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    third: ThirdTowerConfig = field(default_factory=ThirdTowerConfig)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "softmax"  # softmax (InfoNCE) | sigmoid (SigLIP)
+    temperature: str = "per_term"  # per_term | shared
+    init_scale: float = 1 / 0.07  # initial t = exp(log_t): CLIP's 1/0.07 = 14.29
+    max_scale: float = 100.0  # clamp on t; 0 = no clamp
+    init_bias: float = -10.0  # sigmoid only
+    # 3T term weights, in the order (f, g), (f_h, h), (g_h, h).
+    weights: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class WorldConfig:
+    """The embedded benchmark: procedurally rendered captioned scenes (threetowers.world.world)."""
+
+    seed: int = 0
+    image_size: int = 48
+    num_pairs: int = 20000
+    caption_noise: float = 0.2
+    sprites: str = "shapes"  # shapes | fashion_mnist | folder:PATH (comma-separated to mix)
+    cache_dir: str = ""  # "" = ~/.cache/threetowers/world
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"  # world | webdataset | csv
+    path: str = ""  # shards (local path, brace pattern, pipe: URL) or CSV/TSV file
+    image_column: str = "image"
+    caption_column: str = "caption"
+    resampled: bool = True  # webdataset: sample with replacement (step-based training)
+    shuffle_buffer: int = 2000
+    num_workers: int = 0
+    augment: bool = False
+    max_bad_fraction: float = 0.05
+    tokenizer: str = ""  # path to a tokenizer.json; "" = train BPE on the training captions
+    third_embeddings: str = "cache"  # cache (h's features computed once, no augmentation) | online
+    cache_dir: str = ""  # where h's embedding cache lives; "" = <output_dir>/../cache
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 = off
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 500
+    batch_size: int = 128  # global batch, split across ranks
+    grad_accum: int = 1
+    precision: str = "bf16"  # bf16 | fp32
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | never | PATH
+    on_nonfinite: str = "stop"  # stop | skip
+    # With on_nonfinite=skip: stop anyway after this many skipped steps in a row, or in all.
+    max_consecutive_skips: int = 5
+    max_skipped_steps: int = 50
+    log_every: int = 20
+    progress: bool = True
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard (the JSONL log is always written)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps during training; 0 = only at the end
+    # World tasks: zeroshot_object, zeroshot_scene, retrieval, fewshot_object, fewshot_scene; your own
+    # data: zeroshot:FOLDER (one subfolder per class) and retrieval:CSV (image path + caption columns).
+    tasks: list[str] = field(default_factory=lambda: [
+        "zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene"])
+    num_images: int = 1000  # images per zero-shot task and few-shot test set
+    retrieval_images: int = 500  # held-out world images for retrieval (captions_per_image each)
+    captions_per_image: int = 5
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fewshot_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    batch_size: int = 256
+    # 3T only: also score with s_a = (1 - a)<f, g> + a<h_g(h), g_h> for each a (an evaluation option).
+    mixing_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
+class PretrainConfig:
+    """`threetowers pretrain`: a supervised classifier (model.image's architecture) that later serves as h."""
+
+    dataset: str = "world_object"  # world_object | world_scene | fashion_mnist | folder:PATH
+    num_images: int = 20000  # training images (world: rendered from data.world.seed; others: at most this many)
+    num_heldout: int = 1000  # held-out images for the top-1 accuracy reported at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+# Fields added after the first saved models: the value a saved config without them meant (the
+# architecture those models were built with), so that they still load as they were trained.
+_ADDED_FIELDS = {
+    ("model", "image", "pre_norm"): False, ("model", "image", "patch_bias"): True,
+    ("model", "image", "init"): "torch", ("model", "text", "init"): "torch",
+}
+
+
+def fill_added_fields(data: dict, section: tuple[str, ...] = ()) -> dict:
+    """A copy of a saved config (or of its `section`, e.g. ("model", "image")) with the fields added
+    since it was written set to what their absence meant."""
+    data = copy.deepcopy(data)
+    for path, value in _ADDED_FIELDS.items():
+        if path[: len(section)] != section:
+            continue
+        node = data
+        for part in path[len(section):-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
+    return data

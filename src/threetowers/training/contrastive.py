@@ -1,0 +1,79 @@
+"""The contrastive job: CLIP, LiT and 3T (one `ThreeTowers` model, configured) through the trainer.
+
+`train` builds h once (`model/factory.build_third`), the data (with h's embedding cache), the model
+and the periodic evaluation, then hands a `Job` to `trainer.run`.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import check_eval_paths, resolve_config
+from ..core.distributed import init_distributed, on_main, shutdown
+from ..data.loader import build_train_data
+from ..eval.tasks import trainer_hook
+from ..model.factory import build_third, create_model, load_model_weights, save_model
+from ..schema import Config
+from .checkpoint import CheckpointError, check_writable
+from .trainer import Evaluate, Job, TrainData, TrainResult, run, runtime
+
+
+def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:
+    """The public model format (model.safetensors + model.json) plus the tokenizer it was trained with."""
+    save_model(model, directory)
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+
+
+def load_contrastive(model: nn.Module, directory: Path) -> None:
+    """Weights of a saved ThreeTowers model into `model` (h is not stored; it must be the same h)."""
+    try:
+        load_model_weights(model, directory)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
+          evaluate: Evaluate | None = None, *, third: nn.Module | None = None,
+          data: TrainData | None = None) -> TrainResult:
+    """Train CLIP, LiT or 3T as configured; the Python twin of `threetowers train`.
+
+    `evaluate(model, step) -> {name: value}` runs on rank 0 every `eval.every` steps and at the end,
+    on the unwrapped model in eval mode under no_grad; its results are logged as `eval/<name>`. The
+    run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. When the data is
+    built from the config, the default is the suite over `eval.tasks`
+    (threetowers.eval.tasks.trainer_hook); with your own `data`, pass `evaluate` yourself. `third`
+    (a built h) and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`)
+    replace the ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
+    """
+    cfg = resolve_config(cfg_or_preset, overrides)
+    info = init_distributed(cfg.train.device)
+    try:
+        with runtime(cfg, info):
+            on_main(info, lambda: check_writable(cfg.train.output_dir))
+            check_eval_paths(cfg.eval)
+            third = third if third is not None else build_third(cfg)
+            t0 = time.perf_counter()
+            if data is None:
+                data = build_train_data(cfg, info.rank, info.world_size, third=third)
+                evaluate = evaluate or trainer_hook(cfg, data.tokenizer)
+            data_seconds = time.perf_counter() - t0
+            tokenizer: Any = getattr(data, "tokenizer", None)
+            if tokenizer is not None:
+                cfg.model.text.vocab_size = tokenizer.vocab_size
+                on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+                model = create_model(cfg, third=third)
+            job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
+            result = run(cfg, job, info, evaluate)
+        result.tokenizer, result.data_seconds = tokenizer, data_seconds
+        return result
+    finally:
+        shutdown(info)
