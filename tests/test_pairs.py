@@ -13,7 +13,10 @@ from torch.utils.data import DataLoader
 
 from threetowers.config import Config, DataConfig, load_config
 from threetowers.data.loader import StreamTrainData
-from threetowers.data.pairs import BadDataError, CsvPairs, ShardPairs, build_pairs_dataset, collate, load_csv_arrays
+from threetowers.data.csv_pairs import CsvPairs, load_csv_arrays
+from threetowers.data.pairs import build_pairs_dataset
+from threetowers.data.samples import BadDataError, collate
+from threetowers.data.shards import ShardPairs
 from threetowers.data.transforms import decode_rgb, image_transform
 
 S = 16  # training image size in these tests

@@ -27,7 +27,9 @@ from ..core.sets import as_float, resize_batch
 from ..schema import Config
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
 from ..world import World
-from .pairs import ShardPairs, collate, load_csv_arrays, stream_captions
+from .csv_pairs import load_csv_arrays
+from .samples import collate
+from .shards import ShardPairs, stream_captions
 from .tokenizer import Tokenizer
 
 

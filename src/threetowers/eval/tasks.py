@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from ..config import WORLD_TASKS, Config, fill_added_fields, load_config, override_layer
 from ..core.sets import CaptionedSet, LabelledSet
 from ..data.folders import class_folder
-from ..data.pairs import load_csv_arrays
+from ..data.csv_pairs import load_csv_arrays
 from ..data.tokenizer import Tokenizer
 from ..model.factory import load_model, read_model_meta
 from ..third.store import EvalFeatures

@@ -1,0 +1,191 @@
+"""CSV/TSV files of (image path, caption) rows: a random-access dataset, and the whole file
+decoded once into arrays for step-indexed training (`load_csv_arrays`)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..schema import DataConfig
+from .transforms import DEFAULT_MAX_PIXELS
+from .samples import MIN_SEEN, BadDataError, BadSampleCounter, SampleDecoder, collate
+
+
+# ----------------------------------------------------------------------------- CSV / TSV
+
+
+class _Strings:
+    """A column of strings in one byte buffer: no per-row Python objects, so DataLoader workers
+    forked from the main process do not copy the whole column as reference counts change."""
+
+    def __init__(self, values: list[str | None]) -> None:
+        encoded = [b"\0" if v is None else b"\1" + v.encode("utf-8", "surrogateescape") for v in values]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str | None:
+        raw = self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes()
+        return None if raw[:1] == b"\0" else raw[1:].decode("utf-8", "surrogateescape")
+
+
+def _delimiter(path: Path, head: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    try:
+        return csv.Sniffer().sniff(head, delimiters=",\t;|").delimiter
+    except csv.Error:
+        raise ValueError(f"cannot tell the delimiter of {path}; name it .csv or .tsv") from None
+
+
+class CsvPairs(Dataset):
+    """Image-text pairs listed in a CSV/TSV file with a header row; image paths are relative to
+    the file's folder (absolute paths work too). The key of a sample is its path as written.
+
+    Map-style, so a bad row cannot just be dropped: it is counted and the next row (cyclically)
+    takes its place, which keeps every batch full.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_size: int,
+        *,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        augment: bool = False,
+        max_bad_fraction: float = 0.05,
+        min_seen: int = MIN_SEEN,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"data.path={str(path)!r}: no such CSV/TSV file")
+        # surrogateescape: one row with broken bytes is a bad sample, not a broken file.
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.DictReader(f, delimiter=_delimiter(self.path, f.read(65536)))
+            f.seek(0)
+            header = reader.fieldnames or []
+            for column, field in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
+                if column not in header:
+                    raise ValueError(f"{self.path}: no column {column!r} ({field}); the header has {header}")
+            images, captions = [], []
+            for row in reader:
+                images.append(row[image_column] or None)
+                captions.append(row[caption_column])
+        if not images:
+            raise ValueError(f"{self.path} has a header but no rows")
+        self.images, self.captions = _Strings(images), _Strings(captions)
+        self.counter = BadSampleCounter(max_bad_fraction, min_seen)
+        self.decode = SampleDecoder(image_size, augment, self.counter, max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        for step in range(n):
+            sample = self.row((index + step) % n)
+            if sample is not None:
+                return sample
+        raise BadDataError(f"no usable row in {self.path}: {self.counter.summary()}")
+
+    def row(self, row: int) -> dict[str, Any] | None:
+        """Row `row` as a sample, or None (counted) if it is bad; no substitution."""
+        written = self.images[row]
+        image = None if written is None else self.path.parent / written
+        where = f"{self.path.name} row {row + 1} ({written})"
+        return self.decode(image, self.captions[row], written or f"row{row + 1}", where)
+
+
+
+class _Rows(Dataset):
+    """CSV rows without substitution: a bad row becomes a marker that only carries the counts."""
+
+    def __init__(self, pairs: CsvPairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        return self.pairs.row(row) or {"bad_counts": self.pairs.counter.snapshot()}
+
+
+def _collate_rows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if "image" in s]
+    batch = collate(good) if good else {"image": None, "caption": [], "key": []}
+    batch["bad_counts"] = {k: v for s in samples for k, v in s["bad_counts"].items()}
+    return batch
+
+
+class CsvArrays(NamedTuple):
+    images: np.ndarray  # uint8 [N, S, S, 3], the usable rows in file order
+    captions: list[str]
+    keys: list[str]  # image paths as written in the file
+    bad: dict[str, int]  # skipped rows by reason
+    identity: str  # changes when a row, its order, or an image file (size, mtime) changes
+
+
+def csv_identity(csv_path: Path, keys: Sequence[str]) -> str:
+    """A digest of the file, every usable row's image path in order, and each image file's size and
+    modification time: the cheap content check (one stat per row) that an h cache or a tokenizer built
+    for these rows is keyed by, so that an edited CSV or a replaced image never reuses them."""
+    digest = hashlib.sha256(str(csv_path.resolve()).encode())
+    for key in keys:
+        try:
+            st = (csv_path.parent / key).stat()
+            digest.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{key}\0missing\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> CsvArrays:
+    """Decode every usable CSV/TSV row once: uint8 images `[N, S, S, 3]`, captions, keys, bad counts.
+
+    Bad rows are skipped and counted (and said on the console); the `max_bad_fraction` limit applies to
+    the whole pass, however short the file. Rows are resized and center-cropped once, so `data.augment`
+    cannot apply.
+    """
+    if cfg.augment:
+        raise ValueError(
+            "data.augment=true needs images decoded at every step, but data.source=csv decodes each row once "
+            "into arrays; set data.augment=false, or write the pairs as webdataset shards"
+        )
+    pairs = CsvPairs(cfg.path, image_size, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                     max_bad_fraction=cfg.max_bad_fraction)
+    loader = DataLoader(_Rows(pairs), batch_size=64, num_workers=cfg.num_workers, collate_fn=_collate_rows)
+    images = np.empty((len(pairs), image_size, image_size, 3), dtype=np.uint8)
+    captions: list[str] = []
+    keys: list[str] = []
+    for batch in tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress):
+        pairs.counter.merge(batch["bad_counts"])
+        if batch["key"]:
+            start = len(keys)
+            # The transform resized uint8 pixels, then divided by 255: this is exact.
+            pixels = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            images[start : start + len(batch["key"])] = pixels.numpy()
+            captions += batch["caption"]
+            keys += batch["key"]
+    pairs.counter.check(final=True)
+    if not keys:
+        raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
+    bad = dict(pairs.counter.totals()[1])
+    if bad and progress:
+        print(f"{pairs.path.name}: skipped {pairs.counter.summary()}", flush=True)
+    return CsvArrays(images[: len(keys)], captions, keys, bad, csv_identity(pairs.path, keys))
+
