@@ -64,15 +64,13 @@ def read_model_meta(directory: str | Path) -> dict:
 
 def load_model(directory: str | Path, with_third: bool | None = None) -> ThreeTowers:
     """Rebuild a saved model (eval mode). h is rebuilt from its source only when needed (LiT) or
-    asked for, and must have the fingerprint recorded at training time."""
+    asked for, and must have the fingerprint recorded at training time (`load_model_weights` checks)."""
     directory = saved_dir(directory)
     meta = read_model_meta(directory)
     cfg = from_dict(meta["config"])
     if with_third is None:
         with_third = cfg.model.method == "lit"
     third = build_third(cfg) if with_third else None
-    if third is not None:
-        check_same_third(meta["third"], third.info(), str(directory))
     model = create_model(cfg, third=third, third_info=meta["third"])
     load_model_weights(model, directory, meta)
     return model.eval()

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ..core.atomic import write_text_atomic
@@ -33,8 +34,6 @@ class RunLogger:
         _truncate_after(path, start_step)
         self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step hides events a killed run wrote past the checkpoint we resume from
             # (or, starting over, everything an earlier run in this directory wrote).
             self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1)
