@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.data.loader import build_train_data, global_indices  # noqa: E402
+from threetowers.data.loader import build_train_data  # noqa: E402
+from threetowers.data.order import global_indices  # noqa: E402
 from threetowers.world.world import World  # noqa: E402
 from threetowers.third.classifier import Classifier, save_classifier  # noqa: E402
 from threetowers.core.atomic import write_json_atomic  # noqa: E402

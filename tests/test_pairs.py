@@ -394,7 +394,7 @@ def test_stream_train_data_batches_by_step(tmp_path):
 
 
 def test_global_indices_visit_every_row_once_per_epoch_and_depend_only_on_the_step():
-    from threetowers.data.loader import _epoch_permutation, global_indices
+    from threetowers.data.order import _epoch_permutation, global_indices
 
     rows, batch = 10, 4  # epochs end mid-batch: step 2 holds rows of epochs 0 and 1
     seq = np.concatenate([global_indices(7, s, batch, rows) for s in range(5)])
@@ -409,7 +409,7 @@ def test_global_indices_visit_every_row_once_per_epoch_and_depend_only_on_the_st
 
 @pytest.mark.parametrize("rows,batch", [(1000, 128), (10, 4), (257, 128), (300, 100)])
 def test_no_batch_holds_a_row_twice_across_epoch_boundaries(rows, batch):
-    from threetowers.data.loader import global_indices
+    from threetowers.data.order import global_indices
 
     steps = 200
     seq = np.concatenate([global_indices(3, s, batch, rows) for s in range(steps)])
@@ -420,7 +420,7 @@ def test_no_batch_holds_a_row_twice_across_epoch_boundaries(rows, batch):
 
 
 def test_too_few_rows_for_the_batch_is_refused():
-    from threetowers.data.loader import check_rows
+    from threetowers.data.order import check_rows
 
     with pytest.raises(ValueError, match="needs at least 256"):
         check_rows(200, 128)

@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from threetowers.config import WorldConfig
-from threetowers.world import world as world_mod
+from threetowers.world import World
+from threetowers.world import captions as world_mod
+from threetowers.world.cache import world_hash
+from threetowers.world.captions import COLOUR_WORDS, GENERIC
 from threetowers.world.sprites import FASHION_DIR, FashionMNISTSource
-from threetowers.world.world import COLOUR_WORDS, GENERIC, World, world_hash
 
 
 @pytest.fixture(scope="module")

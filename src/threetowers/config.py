@@ -41,6 +41,7 @@ _CHOICES = {
     "loss.kind": ("softmax", "sigmoid"),
     "loss.temperature": ("per_term", "shared"),
     "data.source": ("world", "webdataset", "csv"),
+    "data.shard_access": ("indexed", "stream"),
     "data.third_embeddings": ("cache", "online"),
     "train.precision": ("bf16", "fp32"),
     "train.on_nonfinite": ("stop", "skip"),

@@ -113,9 +113,12 @@ class DataConfig:
     path: str = ""  # shards (local path, brace pattern, pipe: URL) or CSV/TSV file
     image_column: str = "image"
     caption_column: str = "caption"
-    resampled: bool = True  # webdataset: sample with replacement (step-based training)
-    shuffle_buffer: int = 2000
-    num_workers: int = 0
+    # webdataset: indexed (random access to local shards: exact resume, h's embeddings cached per
+    # shard) | stream (any URL, pipe: included; resume is statistically equivalent, not exact)
+    shard_access: str = "indexed"
+    resampled: bool = True  # stream only: sample shards with replacement (step-based training)
+    shuffle_buffer: int = 2000  # stream only
+    num_workers: int = 0  # DataLoader processes that read and decode batches (0: in the training process)
     augment: bool = False
     max_bad_fraction: float = 0.05
     tokenizer: str = ""  # path to a tokenizer.json; "" = train BPE on the training captions

@@ -18,8 +18,8 @@ from .. import (
     ConfigError, EvaluationFailed, TrainingStopped, __version__, evaluate, list_sources, load_config, pretrain, train,
 )
 from ..core.atomic import write_json_atomic
-from ..core.distributed import world_size_from_env
-from ..data.loader import build_train_data
+from ..core.distributed import barrier, init_distributed, shutdown, world_size_from_env
+from ..data.loader import build_train_data, cache_summary
 from ..model.factory import build_third
 from ..training.checkpoint import CheckpointError
 from ..world import World
@@ -160,11 +160,15 @@ def cmd_world(args: argparse.Namespace) -> int:
 def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="compute the frozen third tower's embeddings of a run's training data once",
                        description="Run h (model.third) once over the training data of CONFIG and store its "
-                                   "pre-logits under data.cache_dir, with a manifest of h's and the data's identity. "
-                                   "`train` does this by itself when needed; this command does it ahead of time. "
-                                   "An interrupted build resumes.",
+                                   "pre-logits under data.cache_dir, with h's and the data's identity (for "
+                                   "webdataset shards: one file per shard, beside each shard's index). `train` does "
+                                   "this by itself when needed; this command does it ahead of time. An interrupted "
+                                   "build resumes (shards: every finished shard is kept); under torchrun the ranks "
+                                   "split the shards, and data.num_workers processes decode on each.",
                        epilog="examples:\n  threetowers cache 3t\n"
-                              "  threetowers cache lit model.third.source=efficientnet_lite0 model.third.path= model.third.input_size=96",
+                              "  threetowers cache lit model.third.source=efficientnet_lite0 model.third.path= model.third.input_size=96\n"
+                              "  torchrun --nproc_per_node=8 -m threetowers cache 3t data.source=webdataset \\\n"
+                              "      data.path='/data/shards/{00000..09999}.tar' data.num_workers=6 data.cache_dir=/data/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.set_defaults(func=cmd_cache)
@@ -176,9 +180,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError("model.method=clip has no third tower to cache; use a lit or 3t config")
     if cfg.data.third_embeddings != "cache":
         raise ConfigError("data.third_embeddings=online runs h during training; set it to cache to build a cache")
-    third = build_third(cfg)
-    cache = build_train_data(cfg, third=third).third_cache
-    print(f"{len(cache)} embeddings of {third.name} ({third.dim}-d) in {cache.directory}")
+    info = init_distributed(cfg.train.device)  # under torchrun, the ranks split the shards
+    try:
+        third = build_third(cfg)
+        summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
+        barrier(info)
+        if info.is_main:
+            print(summary)
+    finally:
+        shutdown(info)
     return 0
 
 

@@ -168,3 +168,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+def barrier_all() -> None:
+    """Wait for every rank of the process group, if there is one (no `DistInfo` needed)."""
+    if is_distributed():
+        dist.barrier()

@@ -1,16 +1,16 @@
 """Training batches by step: config -> data + tokenizer (+ h's cached embeddings) -> batches.
 
-Every source yields, for each step, this rank's share of the global batch. For the world and for
-CSV files the batch at step s is a pure function of (seed, s, rank): a seeded permutation per
-epoch over the rows, sliced by step. Resuming at step s therefore sees exactly the batches an
-uninterrupted run would have seen, with no loader state to save. Webdataset shards stream; on
-resume their sample order is re-seeded from the step (the usual webdataset trade-off: statistically
-equivalent, not bit-identical). `ArrayTrainData` serves the first kind, `StreamTrainData` shards.
+Every source yields, for each step, this rank's share of the global batch. For the world, CSV
+files and indexed webdataset shards the batch at step s is a pure function of (seed, s, rank)
+(`data/order.py`), so resuming at step s sees exactly the batches an uninterrupted run would have
+seen, with no loader state to save. `ArrayTrainData` serves rows held in memory (the world, CSV),
+`ShardTrainData` (data/indexed.py) indexed shards, `StreamTrainData` shards read as a stream
+(`data.shard_access=stream`: any URL; on resume the order is re-seeded from the step, statistically
+equivalent, not bit-identical).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import os
@@ -28,59 +28,11 @@ from ..schema import Config
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
 from ..world import World
 from .csv_pairs import load_csv_arrays
+from .indexed import ShardTrainData, index_shards, shard_embeddings, shard_urls
+from .order import check_rows, global_indices
 from .samples import collate
 from .shards import ShardPairs, stream_captions
 from .tokenizer import Tokenizer
-
-
-def global_indices(seed: int, step: int, batch_size: int, num_rows: int) -> np.ndarray:
-    """Rows of the global batch at `step`: epoch-wise seeded permutations, read in order.
-
-    Every row comes once per epoch, and no batch holds a row twice, also a batch that straddles two
-    epochs (a repeated row would be its own false negative in the contrastive loss). That needs at
-    least two batches' worth of rows (`check_rows`).
-    """
-    positions = step * batch_size + np.arange(batch_size)
-    epochs = positions // num_rows
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        sel = epochs == epoch
-        out[sel] = _epoch_permutation(seed, int(epoch), num_rows, batch_size)[positions[sel] % num_rows]
-    return out
-
-
-def check_rows(num_rows: int, batch_size: int, what: str = "the training data") -> None:
-    if num_rows < 2 * batch_size:
-        raise ValueError(f"{what} has {num_rows} rows; train.batch_size={batch_size} needs at least "
-                         f"{2 * batch_size} (two batches), so that no batch holds a row twice: use more data or a "
-                         "smaller train.batch_size")
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_rows: int, batch_size: int) -> np.ndarray:
-    """One epoch's row order, drawn once per epoch, not per step (11 ms per step at a million rows).
-
-    The first batch of an epoch may begin with the last `r` rows of the previous epoch. Rows of this
-    epoch's first `k = batch - r` places that are among them are swapped with later places (never
-    with this epoch's own last `batch` places, which the next epoch reads in the same way), so the
-    order stays a pure function of (seed, epoch) and needs no earlier epoch but its raw permutation.
-    """
-    perm = _raw_permutation(seed, epoch, num_rows)
-    carried = (epoch * num_rows) % batch_size  # rows of the previous epoch in this epoch's first batch
-    if epoch and carried:
-        previous_tail = _raw_permutation(seed, epoch - 1, num_rows)[num_rows - carried:]
-        head = batch_size - carried
-        clash = np.flatnonzero(np.isin(perm[:head], previous_tail))
-        if clash.size:
-            region = np.arange(head, num_rows - ((epoch + 1) * num_rows) % batch_size)
-            free = region[~np.isin(perm[region], previous_tail)][: clash.size]
-            perm[clash], perm[free] = perm[free], perm[clash].copy()
-    perm.flags.writeable = False  # shared by every step of the epoch
-    return perm
-
-
-def _raw_permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 class ArrayTrainData:
@@ -165,15 +117,14 @@ def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Cal
     """h's embeddings over the training rows, built once (resumably) and reused across runs."""
     if cfg.model.method == "clip" or cfg.data.third_embeddings != "cache" or third is None:
         return None
-    root = Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "cache")
-    directory = cache_dir_for(root, third.info(), ds_id)
+    directory = cache_dir_for(cache_root(cfg), third.info(), ds_id)
     # Rank 0 builds (or resumes) the cache; the other ranks then find it complete and only read it.
     return rank0_first(lambda: build_feature_cache(directory, third, third.info(), ds_id, keys, images,
                                                    progress=progress))
 
 
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
-                     third=None) -> ArrayTrainData | StreamTrainData:
+                     third=None) -> ArrayTrainData | ShardTrainData | StreamTrainData:
     """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, h's embeddings."""
     source = cfg.data.source
     if source == "world":
@@ -186,14 +137,49 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         images, captions, keys, bad, identity = load_csv_arrays(cfg.data, cfg.model.image.image_size,
                                                                 progress=rank == 0)
         ds_id = dataset_id("csv", identity, len(keys))
-    else:
+    elif cfg.data.shard_access == "stream":
         return StreamTrainData(cfg, rank, world_size)
+    else:
+        return indexed_shard_data(cfg, rank, world_size, third)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir, ds_id))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
     return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cfg.model.image.image_size,
                           cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None,
                           bad=bad if rank == 0 else {})  # the trainer sums ranks' counts; one pass, counted once
+
+
+def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ShardTrainData:
+    """Indexed local shards: each rank indexes (and, for lit/3t with the cache, runs h over) its
+    share of the shards, resumably, then every rank reads them all."""
+    report = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    root = cache_root(cfg)
+    indexes = index_shards(shard_urls(cfg), root / "index", rank, world_size, report)
+    ds_id = dataset_id("shards", [(i.identity["path"], i.identity["size"], i.identity["edges"]) for i in indexes])
+    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions([i.url for i in indexes]),
+                                                            cfg.train.output_dir, ds_id))
+    embeddings = None
+    if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None:
+        embeddings = shard_embeddings(cfg, third, indexes, root, rank, world_size, report, progress=cfg.train.progress)
+    return ShardTrainData(cfg, indexes, tokenizer, rank, world_size, embeddings)
+
+
+def cache_summary(data: ArrayTrainData | ShardTrainData, third) -> str:
+    """One line on h's embedding cache of `data`, for `threetowers cache`."""
+    if isinstance(data, ShardTrainData):
+        bad: dict[str, int] = {}
+        for e in data.third_embeddings or []:
+            for reason in e.bad.values():
+                bad[reason] = bad.get(reason, 0) + 1
+        unreadable = f"; images unreadable: {', '.join(f'{k} x{v}' for k, v in sorted(bad.items()))}" if bad else ""
+        return (f"{len(data)} samples in {len(data.rows.indexes)} shards: embeddings of {third.name} ({third.dim}-d) "
+                f"under {cache_root(data.cfg)}{unreadable}")
+    return f"{len(data.third_cache)} embeddings of {third.name} ({third.dim}-d) in {data.third_cache.directory}"
+
+
+def cache_root(cfg: Config) -> Path:
+    """Where h's embeddings and shard indexes live: data.cache_dir, else <output_dir>/../cache."""
+    return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "cache")
 
 
 def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1,
@@ -216,8 +202,9 @@ class StreamTrainData:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1) -> None:
         if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
             raise ValueError(
-                f"data.source=webdataset streams its samples, so h's embeddings cannot be cached for "
-                f"model.method={cfg.model.method}; set data.third_embeddings=online"
+                f"data.shard_access=stream reads samples as a stream, so h's embeddings cannot be cached for "
+                f"model.method={cfg.model.method}; set data.third_embeddings=online, or use data.shard_access=indexed "
+                "(local shards)"
             )
         self.per_rank = cfg.train.batch_size // world_size
         self.num_workers = cfg.data.num_workers

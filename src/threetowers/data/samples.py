@@ -173,15 +173,19 @@ class SampleDecoder:
         self.counter = counter
         self.max_pixels = max_pixels
 
+    def decode(self, image: bytes | Path | None, caption: bytes | str | None) -> tuple[torch.Tensor, str]:
+        """(image float [3, S, S] in [0, 1], caption text), or `SampleError` naming the reason; uncounted."""
+        if image is None:
+            raise SampleError("missing_image", "no image")
+        text = clean_caption(caption)
+        return self.transform(decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side)), text
+
     def __call__(self, image: bytes | Path | None, caption: bytes | str | None, key: str, where: str) -> dict | None:
         try:
-            if image is None:
-                raise SampleError("missing_image", "no image")
-            text = clean_caption(caption)
-            rgb = decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side)
+            pixels, text = self.decode(image, caption)
         except SampleError as err:  # the caption's or the image's
             self.counter.bad(err.reason, where, err.detail)
             return None
         self.counter.ok()
-        return {"image": self.transform(rgb), "caption": text, "key": key, "bad_counts": self.counter.snapshot()}
+        return {"image": pixels, "caption": text, "key": key, "bad_counts": self.counter.snapshot()}
 

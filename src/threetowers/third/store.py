@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..core.sets import as_float
 from ..core.atomic import atomic_path, write_json_atomic, write_text_atomic
-from ..core.formats import CACHE_FORMAT, check_format, stamp
+from ..core.formats import CACHE_FORMAT, check_format, stamp, write_meta
 
 
 class CacheMismatch(ValueError):
@@ -190,3 +190,78 @@ class EvalFeatures:
         features = torch.cat(chunks) if chunks else torch.zeros(0, third.dim)
         self._sets[key] = (images, features)
         return features
+
+
+# ----------------------------------------------------------------------------- shards: one file per shard
+
+
+class ShardEmbeddings:
+    """h's embeddings of one webdataset shard: `<name>.npy` (float16 [rows, dim], in the shard's index
+    order) and `<name>.json`, written last, which records h's identity, the shard's identity, the row
+    count and the rows whose image could not be decoded (by reason). The .json is the mark of a
+    finished shard: a build killed mid-shard leaves none, and that shard alone is built again.
+
+    `open` refuses (returns None with the reason) a file made for another h, another version of the
+    shard, or another row count; it never hands out stale embeddings.
+    """
+
+    def __init__(self, embeddings: np.ndarray, bad: dict[int, str]):
+        self.embeddings = embeddings  # memory-mapped: a process reads only the rows it needs
+        self.bad = bad
+
+    @staticmethod
+    def paths(directory: Path, name: str) -> tuple[Path, Path]:
+        return directory / f"{name}.npy", directory / f"{name}.json"
+
+    @classmethod
+    def open(cls, directory: Path, name: str, third_info: dict, shard: dict,
+             rows: int) -> tuple["ShardEmbeddings | None", str]:
+        """(the embeddings, "") or (None, why they cannot be used)."""
+        npy, meta_path = cls.paths(directory, name)
+        if not meta_path.is_file():
+            return None, "not built yet" if not npy.exists() else "its build did not finish"
+        try:
+            meta = check_format(json.loads(meta_path.read_text()), CACHE_FORMAT, meta_path)
+        except ValueError as err:
+            return None, f"its record is unreadable ({err})"
+        expected = {k: third_info[k] for k in ("name", "fingerprint", "preprocessing", "dim")}
+        for field, have in meta.get("third", {}).items():
+            if expected.get(field) != have:
+                return None, f"it was built with another h ({field} {have!r} -> {expected.get(field)!r})"
+        for field in ("size", "mtime_ns", "edges"):
+            if meta.get("shard", {}).get(field) != shard.get(field):
+                return None, f"the shard was rewritten since ({field} {meta['shard'].get(field)} -> {shard.get(field)})"
+        if meta.get("rows") != rows:
+            return None, f"it holds {meta.get('rows')} rows, the shard's index {rows}"
+        embeddings = np.load(npy, mmap_mode="r")
+        if embeddings.shape != (rows, third_info["dim"]):
+            return None, f"its array has shape {embeddings.shape}, expected {(rows, third_info['dim'])}"
+        return cls(embeddings, {int(r): reason for r, reason in meta.get("bad", {}).items()}), ""
+
+    @classmethod
+    def build(cls, directory: Path, name: str, third, shard: dict, rows: int,
+              batches: Iterable[dict]) -> "ShardEmbeddings":
+        """Run h over one shard's decoded rows and write its two files atomically (.json last).
+
+        `batches` yields {"rows": int tensor, "image": float [b, 3, S, S] in [0, 1], "bad": {row: reason}}
+        covering every row once; bad rows get zeros and are recorded."""
+        info = third.info()
+        embeddings = np.zeros((rows, info["dim"]), np.float16)
+        bad: dict[int, str] = {}
+        done = 0
+        for batch in batches:
+            bad.update({int(r): reason for r, reason in batch["bad"].items()})
+            if len(batch["rows"]):
+                with torch.no_grad():
+                    out = third(batch["image"]).float().cpu().numpy().astype(np.float16)
+                embeddings[batch["rows"].numpy()] = out
+            done += len(batch["rows"]) + len(batch["bad"])
+        if done != rows:
+            raise RuntimeError(f"embedding build of shard {shard['path']}: {done} of {rows} rows came back")
+        npy, meta_path = cls.paths(directory, name)
+        with atomic_path(npy) as tmp:
+            np.save(tmp, embeddings)
+        write_meta(meta_path, CACHE_FORMAT, {
+            "third": {k: info[k] for k in ("name", "fingerprint", "preprocessing", "dim")}, "shard": shard,
+            "rows": rows, "dtype": "float16", "bad": {str(r): reason for r, reason in sorted(bad.items())}})
+        return cls(np.load(npy, mmap_mode="r"), bad)
