@@ -48,10 +48,10 @@ def shard_identity(path: str | Path) -> dict:
 
 def identity_change(recorded: dict, current: dict) -> str:
     """'' when the same, else what changed (for messages that name the shard and the reason)."""
-    for field, what in (("size", "its size"), ("mtime_ns", "its modification time"), ("edges", "its content")):
-        if recorded.get(field) != current.get(field):
-            return f"{what} changed ({recorded.get(field)} -> {current.get(field)})"
-    return ""
+    changes = [f"{what} changed ({recorded.get(field)} -> {current.get(field)})"
+               for field, what in (("size", "its size"), ("mtime_ns", "its modification time"), ("edges", "its content"))
+               if recorded.get(field) != current.get(field)]
+    return ", ".join(changes)
 
 
 @dataclass

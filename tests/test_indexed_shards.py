@@ -1,0 +1,241 @@
+"""Indexed webdataset shards: the step order, the tar index, h's embeddings per shard (build, resume,
+refusal), bad-sample counts with any number of workers, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, fake_third
+from test_pairs import encode, good_members, solid, write_tar
+from threetowers.config import load_config
+from threetowers.data.indexed import ShardRows, shard_embeddings
+from threetowers.data.loader import build_train_data
+from threetowers.data.order import permute, step_rows
+from threetowers.data.shard_index import index_shard, load_or_build_index
+from threetowers.third.store import ShardEmbeddings, cache_dir_for
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def make_shards(root: Path, sizes=(12, 9, 15, 10), bad: dict | None = None) -> list[Path]:
+    """Shards of distinct solid-colour JPEGs with captions; `bad` = {shard: {i: member bytes}}."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, n in enumerate(sizes):
+        members = good_members(f"s{s}-", n)
+        for i, data in (bad or {}).get(s, {}).items():
+            members[2 * i] = (members[2 * i][0], data)
+        paths.append(write_tar(root / f"shard-{s:03d}.tar", members))
+    return paths
+
+
+def shard_config(tmp_path, shards, method="clip", *extra):
+    third = [] if method == "clip" else ["model.third.source=checkpoint"]
+    return load_config(None, TINY + [
+        f"model.method={method}", *third, "data.source=webdataset", f"data.path={'::'.join(map(str, shards))}",
+        f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}", "train.batch_size=8",
+        "model.text.vocab_size=300", "data.max_bad_fraction=0.5", *extra])
+
+
+# ----------------------------------------------------------------------------- the order
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 100, 1000, 4097])
+def test_permute_is_a_seeded_bijection(n):
+    out = permute(np.arange(n), n, seed=3, epoch=1)
+    assert sorted(out.tolist()) == list(range(n))
+    assert np.array_equal(permute(np.arange(n), n, 3, 1), out)
+    if n > 4:
+        assert not np.array_equal(permute(np.arange(n), n, 3, 2), out)  # another epoch, another order
+
+
+def test_step_rows_visit_every_row_once_per_epoch_and_never_twice_in_a_batch():
+    n, batch = 46, 8
+    seq = [step_rows(5, s, batch, n) for s in range(12)]
+    flat = np.concatenate(seq)
+    assert sorted(flat[:40].tolist()) == sorted(set(flat[:40].tolist()))  # the first 5 batches: no repeat
+    assert all(len(set(b.tolist())) == batch for b in seq)  # step 5 straddles two epochs
+    assert np.array_equal(step_rows(5, 7, batch, n), seq[7])  # a pure function of (seed, step)
+    assert sorted(flat[:n].tolist()) == list(range(n))  # every row once in the first epoch
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+def test_the_index_reads_each_member_back_and_counts_broken_shards(tmp_path):
+    good, = make_shards(tmp_path / "d", sizes=(5,))
+    index = index_shard(str(good))
+    assert index.keys == [f"s0-{i:04d}" for i in range(5)] and not index.bad
+    with open(good, "rb") as fh:
+        image, caption = index.read(3, fh)
+    assert caption == b"caption s0-0003" and image == encode(solid((30, 100, 200)), "JPEG")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(good.read_bytes()[:2600])  # inside the third sample's data
+    assert index_shard(str(cut)).bad == {"truncated_shard": 1} and 1 <= len(index_shard(str(cut))) <= 3
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    assert index_shard(str(junk)).bad == {"unreadable_shard": 1} and len(index_shard(str(junk))) == 0
+
+
+def test_a_rewritten_shard_is_indexed_again_by_name(tmp_path):
+    shard, = make_shards(tmp_path / "d", sizes=(5,))
+    said = []
+    assert len(load_or_build_index(str(shard), tmp_path / "idx", said.append)) == 5
+    write_tar(shard, good_members("new-", 7))
+    again = load_or_build_index(str(shard), tmp_path / "idx", said.append)
+    assert len(again) == 7 and again.keys[0] == "new-0000"
+    assert len(said) == 1 and str(shard) in said[0] and "its content changed" in said[0]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_are_a_function_of_the_step_with_any_number_of_workers(tmp_path):
+    broken = {1: {2: b"not an image"}, 2: {0: b"\xff\xd8 cut jpeg"}}
+    shards = make_shards(tmp_path / "d", bad=broken)
+    runs = {}
+    for workers in (0, 1, 2):
+        data = build_train_data(shard_config(tmp_path, shards, "clip", f"data.num_workers={workers}"))
+        it = data.batches(0)
+        got = [next(it) for _ in range(12)]  # 96 samples: more than an epoch of 46
+        runs[workers] = ([b["keys"] for b in got], torch.cat([b["image"] for b in got]), data.bad_samples())
+        resumed = next(data.batches(9))
+        assert resumed["keys"] == got[9]["keys"] and torch.equal(resumed["image"], got[9]["image"])
+    for workers in (1, 2):
+        assert runs[workers][0] == runs[0][0] and torch.equal(runs[workers][1], runs[0][1])
+        assert runs[workers][2] == runs[0][2]
+    keys, _, bad = runs[0]
+    assert sum(bad.values()) >= 2 and set(bad) <= {"corrupt_image", "truncated_image"}
+    assert all(len(set(k)) == 8 for k in keys) and not {"s1-0002", "s2-0000"} & {k for b in keys for k in b}
+    # The first epoch: no sample twice, but for a bad sample's substitute (a random row, which may come again)
+    assert len({k for b in keys[:5] for k in b}) >= 40 - sum(bad.values())
+
+
+# ----------------------------------------------------------------------------- h's embeddings per shard
+
+
+def test_h_runs_once_per_shard_and_a_killed_build_redoes_only_its_shard(tmp_path):
+    shards = make_shards(tmp_path / "d", bad={1: {4: b"garbage"}})
+    h = fake_third()
+    calls = []
+    original = h.forward
+    h.forward = lambda images: calls.append(len(images)) or original(images)
+    cfg = shard_config(tmp_path, shards, "3t")
+    data = build_train_data(cfg, third=h)
+    assert sum(calls) == 46 - 1  # every decodable sample once; the broken one is recorded instead
+    directory = cache_dir_for(tmp_path / "cache", h.info(), "shards")
+    records = sorted(directory.glob("*.json"))
+    assert len(records) == 4 and json.loads(records[1].read_text())["bad"] == {"4": "corrupt_image"}
+    batch = next(data.batches(0))
+    rows = data.rows
+    for key, third in zip(batch["keys"], batch["third"]):
+        shard = next(i for i, index in enumerate(rows.indexes) if key in index.keys)
+        with open(rows.indexes[shard].url, "rb") as fh:
+            image, _ = rows.indexes[shard].read(rows.indexes[shard].keys.index(key), fh)
+        expected = h(data.dataset.decoder.decode(image, b"x")[0][None]).float()
+        assert torch.allclose(third, expected[0].half().float())  # the cached pre-logits of this very sample
+
+    calls.clear()
+    build_train_data(cfg, third=h)
+    assert calls == []  # everything finished is reused
+    records[2].unlink()  # a build killed inside shard 2 leaves no record for it
+    build_train_data(cfg, third=h)
+    assert sum(calls) == 15
+
+
+def test_stale_embeddings_are_rebuilt_with_the_shard_and_the_reason(tmp_path, capsys):
+    shards = make_shards(tmp_path / "d")
+    cfg = shard_config(tmp_path, shards, "lit")
+    build_train_data(cfg, third=fake_third())
+    write_tar(shards[3], good_members("s3-", 11))  # rewritten after its embeddings were built
+    data = build_train_data(cfg, third=fake_third())
+    out = capsys.readouterr().out
+    assert f"shard {shards[3]}" in out and "the shard was rewritten" in out
+    assert data.third_embeddings[3].embeddings.shape[0] == 11
+    other = build_train_data(cfg, third=fake_third(seed=9))  # another h: its own directory, built anew
+    assert not np.array_equal(np.asarray(other.third_embeddings[0].embeddings), np.asarray(data.third_embeddings[0].embeddings))
+    name = sorted(cache_dir_for(tmp_path / "cache", fake_third().info(), "shards").glob("*.json"))[0]
+    record = json.loads(name.read_text())
+    record["third"]["fingerprint"] = "0" * 64
+    name.write_text(json.dumps(record))
+    build_train_data(cfg, third=fake_third())
+    assert "built with another h" in capsys.readouterr().out
+
+
+def test_lit_on_cached_shards_never_decodes_an_image_and_skips_known_bad_rows(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "d", bad={0: {1: b"garbage"}})
+    cfg = shard_config(tmp_path, shards, "lit", "model.third.heads=shared")
+    data = build_train_data(cfg, third=fake_third())
+    monkeypatch.setattr(data.dataset.decoder, "decode", lambda *a: pytest.fail("LiT decoded an image"))
+    batches = [next(data.batches(s)) for s in range(6)]
+    assert all("image" not in b and b["third"].shape == (8, 24) for b in batches)
+    assert "s0-0001" not in {k for b in batches for k in b["keys"]}
+    assert data.bad_samples().get("corrupt_image", 0) >= 1
+
+
+# ----------------------------------------------------------------------------- exact resume after SIGKILL
+
+
+def train_command(tmp_path, out: Path, shards) -> list[str]:
+    return [sys.executable, "-m", "threetowers", "train", "tiny", *TINY, "model.method=3t",
+            "model.third.source=checkpoint", f"model.third.path={tmp_path / 'h'}", "data.source=webdataset",
+            f"data.path={'::'.join(map(str, shards))}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.output_dir={out}", "train.batch_size=8", "train.steps=14", "train.checkpoint_every=3",
+            "train.keep_checkpoints=10", "train.threads=1", "train.device=cpu", "train.progress=false",
+            "model.text.vocab_size=300", "eval.tasks=[]", "data.num_workers=1", "data.max_bad_fraction=0.5"]
+
+
+def test_a_sigkilled_run_on_shards_resumes_to_bit_identical_weights(tmp_path):
+    from threetowers.third.classifier import Classifier, save_classifier
+    from threetowers.training.checkpoint import list_checkpoints
+
+    shards = make_shards(tmp_path / "d", bad={2: {3: b"garbage"}})
+    cfg = load_config(None, TINY)
+    save_classifier(Classifier(cfg.model.image, 3), tmp_path / "h", ["a", "b", "c"])
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(train_command(tmp_path, full, shards), env=ENV, check=True, capture_output=True, timeout=300)
+    victim = subprocess.Popen(train_command(tmp_path, killed, shards), env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step_*/manifest.json")):
+        assert victim.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    if (killed / "model").exists():
+        pytest.skip("the run finished before the kill landed (a very fast machine)")
+    assert max(s for s, _ in list_checkpoints(killed)) < 14
+    subprocess.run(train_command(tmp_path, killed, shards), env=ENV, check=True, capture_output=True, timeout=300)
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_rows_reopen_files_in_a_new_process(tmp_path):
+    shards = make_shards(tmp_path / "d", sizes=(3, 4))
+    rows = ShardRows([index_shard(str(s)) for s in shards])
+    assert len(rows) == 7 and rows.locate(3) == (1, 0) and rows.read(6)[2] == "s1-0003"
+    rows._pid = -1  # as seen from a DataLoader worker
+    assert rows.read(0)[2] == "s0-0000" and rows._pid == os.getpid()
+
+
+def test_shard_embeddings_refuse_a_shape_mismatch(tmp_path):
+    shards = make_shards(tmp_path / "d", sizes=(5,))
+    cfg = shard_config(tmp_path, shards * 4, "3t")  # the same shard four times: 20 rows
+    index = index_shard(str(shards[0]))
+    h = fake_third()
+    built = shard_embeddings(cfg, h, [index], tmp_path / "cache", 0, 1, print, progress=False)
+    assert built[0].embeddings.shape == (5, 24)
+    directory = cache_dir_for(tmp_path / "cache", h.info(), "shards")
+    npy = next(directory.glob("*.npy"))
+    np.save(npy, np.zeros((4, 24), np.float16))
+    found, why = ShardEmbeddings.open(directory, npy.stem, h.info(), index.identity, 5)
+    assert found is None and "shape" in why
