@@ -365,6 +365,24 @@ def test_load_csv_arrays_skips_bad_rows_and_checks_the_whole_pass(tmp_path):
         load_csv_arrays(cfg, S, progress=False)
 
 
+def test_a_csv_for_training_is_decoded_once_to_a_memory_mapped_file(tmp_path, monkeypatch):
+    path = csv_fixture(tmp_path)
+    cfg = DataConfig(source="csv", path=str(path), image_column="filepath", caption_column="title")
+    cfg.max_bad_fraction = 0.5
+    in_ram = load_csv_arrays(cfg, S, progress=False)
+    stored = load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")
+    assert isinstance(stored.images, np.memmap) and not isinstance(in_ram.images, np.memmap)  # bounded RAM
+    assert np.array_equal(stored.images, in_ram.images) and stored._replace(images=None) == in_ram._replace(images=None)
+    monkeypatch.setattr("threetowers.data.csv_pairs.DataLoader", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")  # the same rows: reused, same counts
+    assert np.array_equal(again.images, in_ram.images) and again.bad == in_ram.bad
+    monkeypatch.undo()
+    solid((0, 255, 0), size=(50, 30)).save(tmp_path / "set" / "images" / "b.jpg")  # a replaced image
+    fresh = load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")
+    assert fresh.images[1, 8, 8].tolist() != in_ram.images[1, 8, 8].tolist()
+    assert len(list((tmp_path / "store").iterdir())) == 2  # one folder per version of the rows
+
+
 def stream_config(tmp_path: Path, **data) -> Config:
     return load_config(None, {
         "data": {"source": "webdataset", "path": str(tmp_path / "shard-{000..002}.tar"), "shuffle_buffer": 8, **data},

@@ -3,8 +3,10 @@ decoded once into arrays for step-indexed training (`load_csv_arrays`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..core.atomic import atomic_path, write_json_atomic
 from ..schema import DataConfig
 from .transforms import DEFAULT_MAX_PIXELS
 from .samples import MIN_SEEN, BadDataError, BadSampleCounter, SampleDecoder, collate
@@ -154,12 +157,17 @@ def csv_identity(csv_path: Path, keys: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> CsvArrays:
+def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True,
+                    store: Path | None = None) -> CsvArrays:
     """Decode every usable CSV/TSV row once: uint8 images `[N, S, S, 3]`, captions, keys, bad counts.
 
     Bad rows are skipped and counted (and said on the console); the `max_bad_fraction` limit applies to
     the whole pass, however short the file. Rows are resized and center-cropped once, so `data.augment`
-    cannot apply.
+    cannot apply. With `store` (a folder, for training data) the images go to a memory-mapped
+    `images.npy` there instead of RAM, beside `rows.json` (captions, keys, bad counts; written last):
+    RAM stays bounded whatever the file's size, and a later run on the same rows reuses the decode.
+    The folder is named by the rows' identity (every path, its size and mtime), so an edited CSV or a
+    replaced image never reuses it.
     """
     if cfg.augment:
         raise ValueError(
@@ -168,24 +176,57 @@ def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True) -> 
         )
     pairs = CsvPairs(cfg.path, image_size, image_column=cfg.image_column, caption_column=cfg.caption_column,
                      max_bad_fraction=cfg.max_bad_fraction)
+    folder = None
+    if store is not None:
+        written = [pairs.images[i] or f"row{i + 1}" for i in range(len(pairs))]
+        folder = Path(store) / f"{pairs.path.stem}-{csv_identity(pairs.path, written)}-{image_size}px"
+        kept = _read_decoded(folder)
+        if kept is not None:
+            if kept.bad and progress:
+                print(f"{pairs.path.name}: {sum(kept.bad.values())} rows skipped when it was decoded "
+                      f"({', '.join(f'{k} x{v}' for k, v in sorted(kept.bad.items()))}); reusing {folder}", flush=True)
+            return kept
     loader = DataLoader(_Rows(pairs), batch_size=64, num_workers=cfg.num_workers, collate_fn=_collate_rows)
-    images = np.empty((len(pairs), image_size, image_size, 3), dtype=np.uint8)
-    captions: list[str] = []
-    keys: list[str] = []
-    for batch in tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress):
-        pairs.counter.merge(batch["bad_counts"])
-        if batch["key"]:
-            start = len(keys)
-            # The transform resized uint8 pixels, then divided by 255: this is exact.
-            pixels = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
-            images[start : start + len(batch["key"])] = pixels.numpy()
-            captions += batch["caption"]
-            keys += batch["key"]
-    pairs.counter.check(final=True)
-    if not keys:
-        raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
+    shape = (len(pairs), image_size, image_size, 3)
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            images = np.empty(shape, dtype=np.uint8)
+        else:
+            tmp = stack.enter_context(atomic_path(folder / "images.npy"))
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        captions: list[str] = []
+        keys: list[str] = []
+        for batch in tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress):
+            pairs.counter.merge(batch["bad_counts"])
+            if batch["key"]:
+                start = len(keys)
+                # The transform resized uint8 pixels, then divided by 255: this is exact.
+                pixels = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+                images[start : start + len(batch["key"])] = pixels.numpy()
+                captions += batch["caption"]
+                keys += batch["key"]
+        pairs.counter.check(final=True)
+        if not keys:
+            raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
+        if folder is not None:
+            images.flush()
+            del images
     bad = dict(pairs.counter.totals()[1])
     if bad and progress:
         print(f"{pairs.path.name}: skipped {pairs.counter.summary()}", flush=True)
-    return CsvArrays(images[: len(keys)], captions, keys, bad, csv_identity(pairs.path, keys))
+    arrays = CsvArrays(None, captions, keys, bad, csv_identity(pairs.path, keys))
+    if folder is None:
+        return arrays._replace(images=images[: len(keys)])
+    write_json_atomic(folder / "rows.json", {"captions": captions, "keys": keys, "bad": bad,
+                                             "identity": arrays.identity})
+    return _read_decoded(folder)
 
+
+def _read_decoded(folder: Path) -> CsvArrays | None:
+    """A decode stored by `load_csv_arrays`, memory-mapped; None if there is none (or it is unfinished)."""
+    try:
+        rows = json.loads((folder / "rows.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return CsvArrays(images[: len(rows["keys"])], rows["captions"], rows["keys"], rows["bad"], rows["identity"])

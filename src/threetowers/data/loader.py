@@ -134,8 +134,9 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))  # keys carry the world's hash
         bad: dict[str, int] = {}
     elif source == "csv":
-        images, captions, keys, bad, identity = load_csv_arrays(cfg.data, cfg.model.image.image_size,
-                                                                progress=rank == 0)
+        # Decoded once into a memory-mapped file under the cache root (rank 0 decodes, the others map it).
+        images, captions, keys, bad, identity = rank0_first(lambda: load_csv_arrays(
+            cfg.data, cfg.model.image.image_size, progress=rank == 0, store=cache_root(cfg) / "csv"))
         ds_id = dataset_id("csv", identity, len(keys))
     elif cfg.data.shard_access == "stream":
         return StreamTrainData(cfg, rank, world_size)

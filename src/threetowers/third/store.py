@@ -145,15 +145,23 @@ class FeatureCache:
             _check(self.manifest, expected, self.directory)
         if not self.manifest.get("complete"):
             raise CacheMismatch(f"embedding cache {self.directory} is incomplete; rebuild it (the build resumes)")
-        shards = [np.load(self.directory / f"shard_{i:05d}.npy") for i in range(self.manifest["shards"])]
-        self.embeddings = np.concatenate(shards) if shards else np.zeros((0, self.manifest["third"]["dim"]), np.float16)
+        # Memory-mapped: a process keeps in RAM only the rows it reads.
+        self.shards = [np.load(self.directory / f"shard_{i:05d}.npy", mmap_mode="r")
+                       for i in range(self.manifest["shards"])]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.keys = json.loads((self.directory / "keys.json").read_text())
-        if len(self.keys) != len(self.embeddings):
-            raise CacheMismatch(f"embedding cache {self.directory}: {len(self.keys)} keys but {len(self.embeddings)} rows")
+        if len(self.keys) != self.starts[-1]:
+            raise CacheMismatch(f"embedding cache {self.directory}: {len(self.keys)} keys but {self.starts[-1]} rows")
         self._row = {k: i for i, k in enumerate(self.keys)}
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.embeddings[indices].astype(np.float32))
+        indices = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.manifest["third"]["dim"]), np.float32)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.shards[s][indices[sel] - self.starts[s]]
+        return torch.from_numpy(out)
 
     def by_keys(self, keys: list[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self._row]
