@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 
 def as_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]. A read-only array (a memory-mapped
+    file) is copied first: torch tensors must not alias memory they cannot write."""
+    array = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def resize_batch(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
