@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from conftest import TINY, fake_third
 from test_pairs import encode, good_members, solid, write_tar
 from threetowers.config import load_config
-from threetowers.data.indexed import ShardRows, shard_embeddings
+from threetowers.data.indexed import MAX_OPEN
 from threetowers.data.loader import build_train_data
 from threetowers.data.order import permute, step_rows
-from threetowers.data.shard_index import index_shard, load_or_build_index
+from threetowers.data.shard_index import ensure_index, index_shard, open_index, read_member
 from threetowers.third.store import ShardEmbeddings, cache_dir_for
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -73,26 +73,29 @@ def test_step_rows_visit_every_row_once_per_epoch_and_never_twice_in_a_batch():
 
 def test_the_index_reads_each_member_back_and_counts_broken_shards(tmp_path):
     good, = make_shards(tmp_path / "d", sizes=(5,))
-    index = index_shard(str(good))
-    assert index.keys == [f"s0-{i:04d}" for i in range(5)] and not index.bad
+    records, bad = index_shard(str(good))
+    assert [k.decode() for k in records["key"]] == [f"s0-{i:04d}" for i in range(5)] and not bad
     with open(good, "rb") as fh:
-        image, caption = index.read(3, fh)
+        image, caption = read_member(fh, records[3]["image"]), read_member(fh, records[3]["caption"])
     assert caption == b"caption s0-0003" and image == encode(solid((30, 100, 200)), "JPEG")
     cut = tmp_path / "cut.tar"
     cut.write_bytes(good.read_bytes()[:2600])  # inside the third sample's data
-    assert index_shard(str(cut)).bad == {"truncated_shard": 1} and 1 <= len(index_shard(str(cut))) <= 3
+    records, bad = index_shard(str(cut))
+    assert bad == {"truncated_shard": 1} and 1 <= len(records) <= 3
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"not a tar at all" * 100)
-    assert index_shard(str(junk)).bad == {"unreadable_shard": 1} and len(index_shard(str(junk))) == 0
+    records, bad = index_shard(str(junk))
+    assert bad == {"unreadable_shard": 1} and len(records) == 0
 
 
 def test_a_rewritten_shard_is_indexed_again_by_name(tmp_path):
     shard, = make_shards(tmp_path / "d", sizes=(5,))
     said = []
-    assert len(load_or_build_index(str(shard), tmp_path / "idx", said.append)) == 5
+    assert ensure_index(str(shard), tmp_path / "idx", said.append)["rows"] == 5
+    assert ensure_index(str(shard), tmp_path / "idx", said.append)["rows"] == 5 and said == []  # kept
     write_tar(shard, good_members("new-", 7))
-    again = load_or_build_index(str(shard), tmp_path / "idx", said.append)
-    assert len(again) == 7 and again.keys[0] == "new-0000"
+    again = ensure_index(str(shard), tmp_path / "idx", said.append)
+    assert again["rows"] == 7 and open_index(tmp_path / "idx", again["name"])["key"][0] == b"new-0000"
     assert len(said) == 1 and str(shard) in said[0] and "its content changed" in said[0]
 
 
@@ -135,14 +138,13 @@ def test_h_runs_once_per_shard_and_a_killed_build_redoes_only_its_shard(tmp_path
     directory = cache_dir_for(tmp_path / "cache", h.info(), "shards")
     records = sorted(directory.glob("*.json"))
     assert len(records) == 4 and json.loads(records[1].read_text())["bad"] == {"4": "corrupt_image"}
-    batch = next(data.batches(0))
-    rows = data.rows
-    for key, third in zip(batch["keys"], batch["third"]):
-        shard = next(i for i, index in enumerate(rows.indexes) if key in index.keys)
-        with open(rows.indexes[shard].url, "rb") as fh:
-            image, _ = rows.indexes[shard].read(rows.indexes[shard].keys.index(key), fh)
-        expected = h(data.dataset.decoder.decode(image, b"x")[0][None]).float()
-        assert torch.allclose(third, expected[0].half().float())  # the cached pre-logits of this very sample
+    assert data.shards.known_bad == {12 + 4: "corrupt_image"}
+    for row in range(len(data)):  # each row's cached pre-logits are h's of that very sample
+        if row == 16:
+            continue
+        image, caption, _, _ = data.rows.read(row)
+        expected = original(data.dataset.decoder.decode(image, caption)[0][None]).float()[0]
+        assert torch.allclose(data.rows.third_embedding(row), expected.half().float())
 
     calls.clear()
     build_train_data(cfg, third=h)
@@ -155,14 +157,14 @@ def test_h_runs_once_per_shard_and_a_killed_build_redoes_only_its_shard(tmp_path
 def test_stale_embeddings_are_rebuilt_with_the_shard_and_the_reason(tmp_path, capsys):
     shards = make_shards(tmp_path / "d")
     cfg = shard_config(tmp_path, shards, "lit")
-    build_train_data(cfg, third=fake_third())
+    first = build_train_data(cfg, third=fake_third())
     write_tar(shards[3], good_members("s3-", 11))  # rewritten after its embeddings were built
     data = build_train_data(cfg, third=fake_third())
     out = capsys.readouterr().out
-    assert f"shard {shards[3]}" in out and "the shard was rewritten" in out
-    assert data.third_embeddings[3].embeddings.shape[0] == 11
+    assert f"shard {shards[3]}" in out and "its content changed" in out and "the shard was rewritten" in out
+    assert len(data) == len(first) + 1 and data.rows.third_embedding(len(data) - 1).shape == (24,)
     other = build_train_data(cfg, third=fake_third(seed=9))  # another h: its own directory, built anew
-    assert not np.array_equal(np.asarray(other.third_embeddings[0].embeddings), np.asarray(data.third_embeddings[0].embeddings))
+    assert not torch.equal(other.rows.third_embedding(0), data.rows.third_embedding(0))
     name = sorted(cache_dir_for(tmp_path / "cache", fake_third().info(), "shards").glob("*.json"))[0]
     record = json.loads(name.read_text())
     record["third"]["fingerprint"] = "0" * 64
@@ -219,23 +221,41 @@ def test_a_sigkilled_run_on_shards_resumes_to_bit_identical_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_shard_rows_reopen_files_in_a_new_process(tmp_path):
-    shards = make_shards(tmp_path / "d", sizes=(3, 4))
-    rows = ShardRows([index_shard(str(s)) for s in shards])
-    assert len(rows) == 7 and rows.locate(3) == (1, 0) and rows.read(6)[2] == "s1-0003"
-    rows._pid = -1  # as seen from a DataLoader worker
-    assert rows.read(0)[2] == "s0-0000" and rows._pid == os.getpid()
+def test_a_process_keeps_a_bounded_number_of_shards_open(tmp_path):
+    shards = make_shards(tmp_path / "d", sizes=(3,) * (MAX_OPEN + 6))
+    data = build_train_data(shard_config(tmp_path, shards, "clip"))
+    assert len(data) == 3 * (MAX_OPEN + 6) and data.rows.locate(4) == (1, 1)
+    keys = [data.rows.read(row)[2] for row in range(len(data))]
+    assert keys[4] == "s1-0001" and keys[-1] == f"s{MAX_OPEN + 5}-0002"
+    assert len(data.rows.files.items) == MAX_OPEN and len(data.rows.indexes.items) == MAX_OPEN
+    data.rows._pid = -1  # as seen from a DataLoader worker: it opens files of its own
+    assert data.rows.read(0)[2] == "s0-0000" and len(data.rows.files.items) == 1
 
 
-def test_shard_embeddings_refuse_a_shape_mismatch(tmp_path):
-    shards = make_shards(tmp_path / "d", sizes=(5,))
-    cfg = shard_config(tmp_path, shards * 4, "3t")  # the same shard four times: 20 rows
-    index = index_shard(str(shards[0]))
+def test_torchrun_ranks_split_the_cache_build(tmp_path):
+    from threetowers.third.classifier import Classifier, save_classifier
+
+    shards = make_shards(tmp_path / "d")
+    save_classifier(Classifier(load_config(None, TINY).model.image, 3), tmp_path / "h", ["a", "b", "c"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "threetowers", "cache", "tiny", *TINY, "model.method=3t", "model.third.source=checkpoint",
+           f"model.third.path={tmp_path / 'h'}", "data.source=webdataset", f"data.path={'::'.join(map(str, shards))}",
+           f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}", "train.batch_size=8",
+           "model.text.vocab_size=300", "train.device=cpu", "train.threads=1"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "46 samples in 4 shards" in out.stdout
+    records = sorted((tmp_path / "cache").rglob("shards/*.json"))
+    assert len(records) == 4
+
+
+def test_embeddings_of_another_shape_are_refused(tmp_path):
+    shards = make_shards(tmp_path / "d", sizes=(20,))
     h = fake_third()
-    built = shard_embeddings(cfg, h, [index], tmp_path / "cache", 0, 1, print, progress=False)
-    assert built[0].embeddings.shape == (5, 24)
-    directory = cache_dir_for(tmp_path / "cache", h.info(), "shards")
-    npy = next(directory.glob("*.npy"))
-    np.save(npy, np.zeros((4, 24), np.float16))
-    found, why = ShardEmbeddings.open(directory, npy.stem, h.info(), index.identity, 5)
+    data = build_train_data(shard_config(tmp_path, shards, "3t"), third=h)
+    directory, name = data.shards.embedding_dir, data.shards.names[0]
+    meta = ensure_index(str(shards[0]), tmp_path / "cache" / "index")
+    assert ShardEmbeddings.open(directory, name, h.info(), meta["identity"], 20)[0] is not None
+    np.save(directory / f"{name}.npy", np.zeros((19, 24), np.float16))
+    found, why = ShardEmbeddings.open(directory, name, h.info(), meta["identity"], 20)
     assert found is None and "shape" in why

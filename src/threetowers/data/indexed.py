@@ -1,16 +1,18 @@
 """Training batches by step from indexed webdataset shards: exact resume, and h's embeddings per shard.
 
 Every sample of every shard has a global row (shards in `data.path` order, samples in tar order).
-The batch at step s is a pure function of (seed, s, rank), as for arrays in memory: positions
-s·B .. s·B+B−1 of an endless sequence of epochs, each epoch a seeded pseudo-random permutation of
-the rows. The permutation is a Feistel network over the rows (`permute`): computed per position,
-in O(batch) time and memory, so 400M rows cost nothing to hold (an explicit permutation would be
-3.2 GB per process). Within an epoch every row comes once; a batch never holds a row twice.
+The batch at step s is a pure function of (seed, s, rank), as for arrays in memory
+(`order.step_rows`). A bad sample (unreadable image, missing caption, ...) is counted by reason and
+its place is taken by a substitute row from a stream seeded by (seed, step, place): deterministic,
+so a resumed run still sees exactly what the uninterrupted one saw. Rows whose image h's cache
+build could not decode are known bad and skipped without reading them again.
 
-A bad sample (unreadable image, missing caption, ...) is counted by reason and its place is taken
-by a substitute row drawn from a stream seeded by (seed, step, place): deterministic, so a resumed
-run still sees exactly what the uninterrupted one saw. Rows whose image h's cache build could not
-decode are known bad and skipped without reading them again.
+Preparing the shards (`prepare_shards`) scales out: each rank indexes, and for lit/3t runs h over,
+every world_size-th shard (resumably: finished shards are kept); then rank 0 writes one manifest
+(row counts, shard problems, known-bad rows) that every rank reads, so that no rank has to open
+every shard's files at start. While training, a process keeps a bounded number of shard files,
+indexes and embedding files open (memory-mapped, least recently used closed first): memory does
+not grow with the number of samples beyond 8 bytes a shard.
 
 Batches are made by a DataLoader over steps (`data.num_workers` processes decode in parallel,
 pinned memory on CUDA); each batch carries its worker's bad-sample counts.
@@ -18,35 +20,81 @@ pinned memory on CUDA); each batch carries its worker's bad-sample counts.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier_all
 from ..schema import Config
 from ..third.store import ShardEmbeddings, cache_dir_for
 from .order import check_rows, step_rows, substitutes
 from .samples import BadSampleCounter, SampleDecoder, clean_caption
-from .shard_index import ShardIndex, load_or_build_index, shard_name
+from .shard_index import ensure_index, open_index, read_member, shard_name
 from .shards import expand_shards
 from .transforms import DEFAULT_MAX_PIXELS, SampleError
 
-class ShardRows:
-    """The rows of several indexed shards as one range [0, N); reads a row's members with one seek."""
+MAX_OPEN = 64  # shard files (and their index and embedding maps) a process keeps open
 
-    def __init__(self, indexes: list[ShardIndex]):
-        self.indexes = indexes
-        self.starts = np.cumsum([0] + [len(i) for i in indexes])
-        self._handles: dict[int, object] = {}
-        self._pid = os.getpid()
+
+@dataclass
+class ShardSet:
+    """What training needs to know about its shards (from the manifest `prepare_shards` writes)."""
+
+    urls: list[str]
+    names: list[str]
+    rows: list[int]
+    index_dir: Path
+    embedding_dir: Path | None  # h's embeddings, one .npy per shard (None: CLIP, or h online)
+    known_bad: dict[int, str]  # global row -> why its image could not be decoded when h's cache was built
+    shard_bad: dict[str, int]  # problems of whole shards (cut short, unreadable), by reason
+    dataset_id: str  # changes when a shard is added, removed, reordered or rewritten
+
+
+class _Opened:
+    """At most `limit` open things by key; the least recently used is closed first."""
+
+    def __init__(self, limit: int, opener: Callable, closer: Callable = lambda item: None):
+        self.items: OrderedDict = OrderedDict()
+        self.limit, self.opener, self.closer = limit, opener, closer
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        item = self.items[key] = self.opener(key)
+        if len(self.items) > self.limit:
+            self.closer(self.items.popitem(last=False)[1])
+        return item
+
+
+class ShardRows:
+    """The rows of the shards as one range [0, N): one seek reads a row's members."""
+
+    def __init__(self, shards: ShardSet, max_open: int = MAX_OPEN):
+        self.shards, self.max_open = shards, max_open
+        self.starts = np.cumsum([0] + list(shards.rows))
+        self._pid = None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def _open(self) -> None:
+        """Per process: a DataLoader worker opens files of its own."""
+        s = self.shards
+        self.files = _Opened(self.max_open, lambda i: open(s.urls[i], "rb"), lambda fh: fh.close())
+        self.indexes = _Opened(self.max_open, lambda i: open_index(s.index_dir, s.names[i]))
+        self.third = _Opened(self.max_open, lambda i: np.load(s.embedding_dir / f"{s.names[i]}.npy", mmap_mode="r"))
+        self._pid = os.getpid()
 
     def locate(self, row: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, row, side="right")) - 1
@@ -54,37 +102,40 @@ class ShardRows:
 
     def read(self, row: int) -> tuple[bytes | None, bytes | None, str, str]:
         """(image bytes, caption bytes, key, where) of a row."""
+        if self._pid != os.getpid():
+            self._open()
         shard, local = self.locate(row)
-        index = self.indexes[shard]
-        if os.getpid() != self._pid:  # a DataLoader worker: open its own files
-            self._handles, self._pid = {}, os.getpid()
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = open(index.url, "rb")
-        image, caption = index.read(local, handle)
-        return image, caption, index.keys[local], f"{index.url}:{index.keys[local]}"
+        record = self.indexes.get(shard)[local]
+        handle = self.files.get(shard)
+        key = record["key"].decode("utf-8", "surrogateescape")
+        return (read_member(handle, record["image"]), read_member(handle, record["caption"]), key,
+                f"{self.shards.urls[shard]}:{key}")
+
+    def third_embedding(self, row: int) -> torch.Tensor:
+        """h's cached pre-logits of a row, as float32."""
+        if self._pid != os.getpid():
+            self._open()
+        shard, local = self.locate(row)
+        return torch.from_numpy(self.third.get(shard)[local].astype(np.float32))
 
 
 class StepBatches(Dataset):
     """Item s: this rank's share of the global batch at step s, decoded (map-style, by step)."""
 
-    def __init__(self, rows: ShardRows, cfg: Config, rank: int, world_size: int,
-                 embeddings: list[ShardEmbeddings] | None, with_images: bool):
+    def __init__(self, rows: ShardRows, cfg: Config, rank: int, world_size: int, with_images: bool):
         self.rows, self.cfg = rows, cfg
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.per_rank = rank, cfg.train.batch_size // world_size
         self.counter = BadSampleCounter(cfg.data.max_bad_fraction)
         self.decoder = SampleDecoder(cfg.model.image.image_size, cfg.data.augment, self.counter, DEFAULT_MAX_PIXELS)
-        self.embeddings = embeddings
         self.with_images = with_images
-        # rows whose image h's cache build could not decode: skipped without reading them again
-        self.known_bad = {int(rows.starts[i]) + r: why for i, e in enumerate(embeddings or []) for r, why in e.bad.items()}
+        self.with_third = rows.shards.embedding_dir is not None
 
     def _sample(self, row: int) -> dict | None:
         image, caption, key, where = self.rows.read(row)
         try:
-            if row in self.known_bad:
-                raise SampleError(self.known_bad[row], "its image was unreadable when h's embeddings were built")
+            if row in self.rows.shards.known_bad:
+                raise SampleError(self.rows.shards.known_bad[row], "its image was unreadable when h's cache was built")
             if self.with_images:
                 pixels, text = self.decoder.decode(image, caption)
             else:  # LiT on cached h: the pixels are never looked at
@@ -94,9 +145,8 @@ class StepBatches(Dataset):
             return None
         self.counter.ok()
         sample = {"image": pixels, "caption": text, "key": key}
-        if self.embeddings is not None:
-            shard, local = self.rows.locate(row)
-            sample["third"] = torch.from_numpy(self.embeddings[shard].embeddings[local].astype(np.float32))
+        if self.with_third:
+            sample["third"] = self.rows.third_embedding(row)
         return sample
 
     def __getitem__(self, step: int) -> dict:
@@ -119,7 +169,7 @@ class StepBatches(Dataset):
                  "bad_counts": self.counter.snapshot()}
         if self.with_images:
             batch["image"] = torch.stack([s["image"] for s in out])
-        if self.embeddings is not None:
+        if self.with_third:
             batch["third"] = torch.stack([s["third"] for s in out])
         return batch
 
@@ -135,19 +185,12 @@ class _Steps(Sampler):
 class ShardTrainData:
     """Indexed webdataset shards as training batches by step: {"image", "tokens", "keys"[, "third"]}."""
 
-    def __init__(self, cfg: Config, indexes: list[ShardIndex], tokenizer, rank: int = 0, world_size: int = 1,
-                 embeddings: list[ShardEmbeddings] | None = None):
-        self.rows = ShardRows(indexes)
+    def __init__(self, cfg: Config, shards: ShardSet, tokenizer, rank: int = 0, world_size: int = 1):
+        self.rows = ShardRows(shards)
         check_rows(len(self.rows), cfg.train.batch_size)
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.third_embeddings = embeddings
-        with_images = cfg.model.method != "lit" or embeddings is None
-        self.dataset = StepBatches(self.rows, cfg, rank, world_size, embeddings, with_images)
-        # problems of whole shards (cut short, unreadable), counted once, by rank 0
-        self.shard_bad: dict[str, int] = {}
-        for index in indexes if rank == 0 else []:
-            for reason, n in index.bad.items():
-                self.shard_bad[reason] = self.shard_bad.get(reason, 0) + n
+        self.cfg, self.tokenizer, self.shards, self.rank = cfg, tokenizer, shards, rank
+        with_images = cfg.model.method != "lit" or shards.embedding_dir is None
+        self.dataset = StepBatches(self.rows, cfg, rank, world_size, with_images)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -163,9 +206,12 @@ class ShardTrainData:
 
     def bad_samples(self) -> dict[str, int]:
         counts = dict(self.dataset.counter.totals()[1])
-        for reason, n in self.shard_bad.items():
+        for reason, n in (self.shards.shard_bad.items() if self.rank == 0 else ()):  # whole shards: counted once
             counts[reason] = counts.get(reason, 0) + n
         return counts
+
+
+# ----------------------------------------------------------------------------- preparing the shards
 
 
 def shard_urls(cfg: Config) -> list[str]:
@@ -178,69 +224,82 @@ def shard_urls(cfg: Config) -> list[str]:
     return urls
 
 
-def index_shards(urls: list[str], root: Path, rank: int, world_size: int, report) -> list[ShardIndex]:
-    """Every shard's index: each rank builds (or checks) every world_size-th, then all read all."""
-    for i, url in enumerate(urls):
-        if i % world_size == rank:
-            load_or_build_index(url, root, report)
+def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, world_size: int,
+                   report: Callable[[str], None]) -> ShardSet:
+    """Index the shards and, with `third`, cache h's embeddings of every sample; return the ShardSet.
+
+    Each rank checks or builds every world_size-th shard (a killed build redoes only the shard it
+    was in; a shard rewritten since, or embeddings made by another h, are rebuilt with a message
+    naming the shard and the reason); then rank 0 writes the manifest every rank reads."""
+    index_dir = root / "index"
+    info = third.info() if third is not None else None
+    embedding_dir = cache_dir_for(root, info, "shards") if info else None
+    mine = [i for i in range(len(urls)) if i % world_size == rank]
+    for n, i in enumerate(mine):
+        meta = ensure_index(urls[i], index_dir, report)
+        if info is None:
+            continue
+        found, why = ShardEmbeddings.open(embedding_dir, meta["name"], info, meta["identity"], meta["rows"])
+        if found is None:
+            if why != "not built yet":
+                report(f"shard {urls[i]}: building h's embeddings again: {why}")
+            if cfg.train.progress:
+                report(f"h's embeddings: shard {n + 1} of {len(mine)} on this rank ({urls[i]}, {meta['rows']} samples)")
+            chunks = DataLoader(_ShardChunks(urls[i], index_dir, meta["name"], cfg.model.image.image_size, 256),
+                                batch_size=None, num_workers=cfg.data.num_workers)
+            ShardEmbeddings.build(embedding_dir, meta["name"], third, meta["identity"], meta["rows"], chunks)
     barrier_all()
-    return [load_or_build_index(url, root, report) for url in urls]
+    tag = hashlib.sha256(json.dumps([urls, info and info["fingerprint"], info and info["preprocessing"]]).encode())
+    manifest_path = root / "manifests" / f"{tag.hexdigest()[:20]}.json"
+    if rank == 0:
+        write_json_atomic(manifest_path, _manifest(urls, index_dir, embedding_dir))
+    barrier_all()
+    m = json.loads(manifest_path.read_text())
+    return ShardSet(urls, m["names"], m["rows"], index_dir, embedding_dir, {int(r): w for r, w in m["known_bad"].items()},
+                    m["shard_bad"], m["dataset_id"])
 
 
-# ----------------------------------------------------------------------------- h's embeddings, shard by shard
+def _manifest(urls: list[str], index_dir: Path, embedding_dir: Path | None) -> dict:
+    """Rank 0, after every shard is ready: what the other ranks need, in one file."""
+    names = [shard_name(u) for u in urls]
+    metas = [json.loads((index_dir / f"{name}.index.json").read_text()) for name in names]
+    known_bad: dict[int, str] = {}
+    start = 0
+    for name, meta in zip(names, metas):
+        if embedding_dir is not None:
+            record = json.loads((embedding_dir / f"{name}.json").read_text())
+            known_bad.update({start + int(r): why for r, why in record.get("bad", {}).items()})
+        start += meta["rows"]
+    shard_bad: dict[str, int] = {}
+    for meta in metas:
+        for reason, n in meta["bad"].items():
+            shard_bad[reason] = shard_bad.get(reason, 0) + n
+    identity = [(m["identity"]["path"], m["identity"]["size"], m["identity"]["edges"]) for m in metas]
+    return {"names": names, "rows": [m["rows"] for m in metas], "known_bad": {str(k): v for k, v in known_bad.items()},
+            "shard_bad": shard_bad, "dataset_id": "shards-" + hashlib.sha256(repr(identity).encode()).hexdigest()[:16]}
 
 
 class _ShardChunks(Dataset):
     """Item i: rows [i·b, (i+1)·b) of one shard, decoded without augmentation (what h sees)."""
 
-    def __init__(self, index: ShardIndex, image_size: int, chunk: int):
-        self.index, self.chunk = index, chunk
-        self.rows = ShardRows([index])
+    def __init__(self, url: str, index_dir: Path, name: str, image_size: int, chunk: int):
+        self.url, self.index_dir, self.name, self.chunk = url, index_dir, name, chunk
+        self.rows = len(open_index(index_dir, name))
         self.decoder = SampleDecoder(image_size, False, BadSampleCounter(1.0), DEFAULT_MAX_PIXELS)
 
     def __len__(self) -> int:
-        return (len(self.index) + self.chunk - 1) // self.chunk
+        return (self.rows + self.chunk - 1) // self.chunk
 
     def __getitem__(self, i: int) -> dict:
+        records = open_index(self.index_dir, self.name)
         good, images, bad = [], [], {}
-        for row in range(i * self.chunk, min((i + 1) * self.chunk, len(self.index))):
-            image, caption, _, _ = self.rows.read(row)
-            try:
-                images.append(self.decoder.decode(image, caption)[0])
-                good.append(row)
-            except SampleError as err:
-                bad[row] = err.reason
+        with open(self.url, "rb") as fh:
+            for row in range(i * self.chunk, min((i + 1) * self.chunk, self.rows)):
+                try:
+                    image, caption = read_member(fh, records[row]["image"]), read_member(fh, records[row]["caption"])
+                    images.append(self.decoder.decode(image, caption)[0])
+                    good.append(row)
+                except SampleError as err:
+                    bad[row] = err.reason
         return {"rows": torch.tensor(good, dtype=torch.long),
                 "image": torch.stack(images) if images else torch.zeros(0), "bad": bad}
-
-
-def shard_embeddings(cfg: Config, third, indexes: list[ShardIndex], root: Path, rank: int, world_size: int,
-                     report, progress: bool = True) -> list[ShardEmbeddings]:
-    """h's embeddings of every shard: each rank builds the missing or stale ones of every
-    world_size-th shard (decoding in `data.num_workers` processes), then all ranks open all.
-    A shard whose embeddings were made for another h or another version of the shard is rebuilt,
-    with a message naming it and the reason; a build killed mid-shard redoes only that shard."""
-    info = third.info()
-    directory = cache_dir_for(root, info, "shards")
-    names = [shard_name(i.url) for i in indexes]
-    mine = [i for i in range(len(indexes)) if i % world_size == rank]
-    for n, i in enumerate(mine):
-        index = indexes[i]
-        found, why = ShardEmbeddings.open(directory, names[i], info, index.identity, len(index))
-        if found is not None:
-            continue
-        if why != "not built yet":
-            report(f"shard {index.url}: building h's embeddings again: {why}")
-        chunks = DataLoader(_ShardChunks(index, cfg.model.image.image_size, 256), batch_size=None,
-                            num_workers=cfg.data.num_workers)
-        if progress:
-            report(f"h's embeddings: shard {n + 1} of {len(mine)} on this rank ({index.url}, {len(index)} samples)")
-        ShardEmbeddings.build(directory, names[i], third, index.identity, len(index), chunks)
-    barrier_all()
-    out = []
-    for i, index in enumerate(indexes):
-        found, why = ShardEmbeddings.open(directory, names[i], info, index.identity, len(index))
-        if found is None:
-            raise RuntimeError(f"h's embeddings of shard {index.url} are unusable after the build: {why}")
-        out.append(found)
-    return out

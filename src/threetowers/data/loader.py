@@ -28,7 +28,7 @@ from ..schema import Config
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
 from ..world import World
 from .csv_pairs import load_csv_arrays
-from .indexed import ShardTrainData, index_shards, shard_embeddings, shard_urls
+from .indexed import ShardTrainData, prepare_shards, shard_urls
 from .order import check_rows, global_indices
 from .samples import collate
 from .shards import ShardPairs, stream_captions
@@ -151,30 +151,26 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
 
 
 def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ShardTrainData:
-    """Indexed local shards: each rank indexes (and, for lit/3t with the cache, runs h over) its
-    share of the shards, resumably, then every rank reads them all."""
+    """Indexed local shards: the ranks index (and, for lit/3t with the cache, run h over) their share of
+    the shards, resumably, then every rank reads the manifest of them all."""
     report = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    root = cache_root(cfg)
-    indexes = index_shards(shard_urls(cfg), root / "index", rank, world_size, report)
-    ds_id = dataset_id("shards", [(i.identity["path"], i.identity["size"], i.identity["edges"]) for i in indexes])
-    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions([i.url for i in indexes]),
-                                                            cfg.train.output_dir, ds_id))
-    embeddings = None
-    if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None:
-        embeddings = shard_embeddings(cfg, third, indexes, root, rank, world_size, report, progress=cfg.train.progress)
-    return ShardTrainData(cfg, indexes, tokenizer, rank, world_size, embeddings)
+    cached = cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None
+    urls = shard_urls(cfg)
+    shards = prepare_shards(cfg, urls, cache_root(cfg), third if cached else None, rank, world_size, report)
+    tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions(urls), cfg.train.output_dir,
+                                                            shards.dataset_id))
+    return ShardTrainData(cfg, shards, tokenizer, rank, world_size)
 
 
 def cache_summary(data: ArrayTrainData | ShardTrainData, third) -> str:
     """One line on h's embedding cache of `data`, for `threetowers cache`."""
     if isinstance(data, ShardTrainData):
         bad: dict[str, int] = {}
-        for e in data.third_embeddings or []:
-            for reason in e.bad.values():
-                bad[reason] = bad.get(reason, 0) + 1
+        for reason in data.shards.known_bad.values():
+            bad[reason] = bad.get(reason, 0) + 1
         unreadable = f"; images unreadable: {', '.join(f'{k} x{v}' for k, v in sorted(bad.items()))}" if bad else ""
-        return (f"{len(data)} samples in {len(data.rows.indexes)} shards: embeddings of {third.name} ({third.dim}-d) "
-                f"under {cache_root(data.cfg)}{unreadable}")
+        return (f"{len(data)} samples in {len(data.shards.urls)} shards: embeddings of {third.name} ({third.dim}-d) "
+                f"in {data.shards.embedding_dir}{unreadable}")
     return f"{len(data.third_cache)} embeddings of {third.name} ({third.dim}-d) in {data.third_cache.directory}"
 
 

@@ -1,12 +1,19 @@
 """Random access into webdataset tar shards: an index of where each sample's members lie.
 
 Reading shards as a stream makes a resumed run see other samples than the uninterrupted one. With
-an index (one sequential scan of the tar headers per shard, stored beside h's embeddings) every
-sample has a global row number, the batch at step s is a pure function of (seed, s, rank) as for
-arrays in memory, and a sample is read with one seek. The index of a shard records the shard's
-identity (`shard_identity`: path, size, modification time and a digest of its first and last
-64 KiB), so a shard that was rewritten is never read through a stale index: its index is rebuilt,
-with a message naming the shard and what changed.
+an index (one sequential scan of the tar headers per shard) every sample has a global row number,
+the batch at step s is a pure function of (seed, s, rank) as for arrays in memory, and a sample is
+read with one seek.
+
+A shard's index is two files under the index folder, named by `shard_name`:
+    NAME.index.npy    a structured array, one record a sample: (offset, size) of its image and of its
+                      caption member (-1: absent) and its key; memory-mapped when read, so processes
+                      on a node share it through the page cache and RAM does not grow with the data
+    NAME.index.json   written last (the mark of a finished index): the shard's identity
+                      (`shard_identity`: path, size, mtime and a digest of its first and last 64 KiB),
+                      the row count, and problems of the shard itself (cut short, unreadable)
+A shard that was rewritten is never read through a stale index: its index is rebuilt, with a
+message naming the shard and what changed.
 
 Samples follow webdataset's grouping: a member `dir/KEY.EXT` belongs to sample `dir/KEY` (the
 extension is everything after the first dot of the base name); the image is the first of
@@ -19,16 +26,15 @@ import hashlib
 import json
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..core.atomic import write_text_atomic
+from ..core.atomic import atomic_path, write_json_atomic
 from .samples import IMAGE_EXTENSIONS
 from .shards import tar_is_truncated
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _EDGE = 64 << 10  # bytes hashed at each end of a shard: catches a rewrite that keeps size and mtime
 
 
@@ -54,45 +60,15 @@ def identity_change(recorded: dict, current: dict) -> str:
     return ", ".join(changes)
 
 
-@dataclass
-class ShardIndex:
-    """Where each sample of one shard lies: keys, (offset, size) of image and caption members (-1: none)."""
-
-    url: str
-    identity: dict
-    keys: list[str]
-    image: np.ndarray  # int64 [n, 2]: offset and size of the image member
-    caption: np.ndarray  # int64 [n, 2]: the txt member
-    bad: dict[str, int]  # problems of the shard itself, by reason (truncated_shard, unreadable_shard)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def read(self, row: int, handle) -> tuple[bytes | None, bytes | None]:
-        """(image bytes, caption bytes) of sample `row`, from an open binary file of this shard."""
-        return _read(handle, self.image[row]), _read(handle, self.caption[row])
-
-    def to_json(self) -> dict:
-        return {"version": INDEX_VERSION, "url": self.url, "identity": self.identity, "keys": self.keys,
-                "image": self.image.tolist(), "caption": self.caption.tolist(), "bad": self.bad}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ShardIndex":
-        return cls(data["url"], data["identity"], list(data["keys"]), np.asarray(data["image"], np.int64).reshape(-1, 2),
-                   np.asarray(data["caption"], np.int64).reshape(-1, 2), dict(data.get("bad", {})))
+def shard_name(url: str) -> str:
+    """A file-name stem for what is stored about a shard: its base name and a digest of its resolved
+    path (two shards of the same name in different folders do not collide)."""
+    resolved = str(Path(url).resolve())
+    return f"{Path(url).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
 
 
-def _read(handle, where: np.ndarray) -> bytes | None:
-    offset, size = int(where[0]), int(where[1])
-    if offset < 0:
-        return None
-    handle.seek(offset)
-    return handle.read(size)
-
-
-def index_shard(url: str) -> ShardIndex:
-    """Scan a local tar's headers (tarfile skips over the data) and group members into samples."""
-    identity = shard_identity(url)
+def index_shard(url: str) -> tuple[np.ndarray, dict]:
+    """Scan a local tar's headers (tarfile skips over the data): (records, problems of the shard)."""
     bad: dict[str, int] = {}
     members: dict[str, dict[str, tuple[int, int]]] = {}
     try:
@@ -109,43 +85,53 @@ def index_shard(url: str) -> ShardIndex:
         bad["unreadable_shard" if not members else "truncated_shard"] = 1
     if not bad and tar_is_truncated(url):
         bad["truncated_shard"] = 1
-    keys = list(members)
-    image = np.full((len(keys), 2), -1, np.int64)
-    caption = np.full((len(keys), 2), -1, np.int64)
-    for i, key in enumerate(keys):
-        found = members[key]
+    keys = [k.encode("utf-8", "surrogateescape") for k in members]
+    records = np.zeros(len(keys), dtype=[("image", "<i8", (2,)), ("caption", "<i8", (2,)),
+                                         ("key", f"S{max(map(len, keys), default=1)}")])
+    records["image"] = records["caption"] = -1
+    records["key"] = keys
+    for i, found in enumerate(members.values()):
         ext = next((e for e in IMAGE_EXTENSIONS if e in found), None)
         if ext is not None:
-            image[i] = found[ext]
+            records["image"][i] = found[ext]
         if "txt" in found:
-            caption[i] = found["txt"]
-    return ShardIndex(url, identity, keys, image, caption, bad)
+            records["caption"][i] = found["txt"]
+    return records, bad
 
 
-def shard_name(url: str) -> str:
-    """A file-name stem for what is stored about a shard: its base name and a digest of its resolved
-    path (two shards of the same name in different folders do not collide)."""
-    resolved = str(Path(url).resolve())
-    return f"{Path(url).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
-
-
-def index_path(root: str | Path, url: str) -> Path:
-    return Path(root) / f"{shard_name(url)}.index.json"
-
-
-def load_or_build_index(url: str, root: str | Path, report=print) -> ShardIndex:
-    """The shard's index from `root`, rebuilt when missing, unreadable, or made for another version of
-    the shard (the message names the shard and the reason). Written atomically."""
-    path = index_path(root, url)
-    if path.is_file():
+def ensure_index(url: str, root: str | Path, report=print) -> dict:
+    """The shard's index record (identity, rows, bad), building the index when it is missing,
+    unfinished, unreadable or made for another version of the shard (said with the reason)."""
+    name = shard_name(url)
+    meta_path, npy = Path(root) / f"{name}.index.json", Path(root) / f"{name}.index.npy"
+    current = shard_identity(url)
+    if meta_path.is_file():
         try:
-            index = ShardIndex.from_json(json.loads(path.read_text()))
-            change = identity_change(index.identity, shard_identity(url))
-            if not change:
-                return index
-            report(f"shard {url}: {change} since it was indexed; indexing it again")
-        except (ValueError, KeyError, TypeError) as err:  # a damaged index file: rebuild it
-            report(f"shard {url}: its index {path} is unreadable ({type(err).__name__}); indexing it again")
-    index = index_shard(url)
-    write_text_atomic(path, json.dumps(index.to_json(), separators=(",", ":")))  # compact: one row a sample
-    return index
+            meta = json.loads(meta_path.read_text())
+            change = identity_change(meta["identity"], current) if meta.get("version") == INDEX_VERSION else \
+                f"its index has format version {meta.get('version')}, not {INDEX_VERSION}"
+            if not change and npy.is_file():
+                return meta
+            report(f"shard {url}: {change or 'its index file is missing'}; indexing it again")
+        except (ValueError, KeyError, TypeError) as err:  # a damaged record: rebuild it
+            report(f"shard {url}: its index record {meta_path} is unreadable ({type(err).__name__}); indexing it again")
+    records, bad = index_shard(url)
+    with atomic_path(npy) as tmp:
+        np.save(tmp, records)
+    meta = {"version": INDEX_VERSION, "url": url, "name": name, "identity": current, "rows": len(records), "bad": bad}
+    write_json_atomic(meta_path, meta)
+    return meta
+
+
+def open_index(root: str | Path, name: str) -> np.ndarray:
+    """A shard's index records, memory-mapped."""
+    return np.load(Path(root) / f"{name}.index.npy", mmap_mode="r")
+
+
+def read_member(handle, where: np.ndarray) -> bytes | None:
+    """The bytes at (offset, size) of an open shard, or None for an absent member (-1)."""
+    offset, size = int(where[0]), int(where[1])
+    if offset < 0:
+        return None
+    handle.seek(offset)
+    return handle.read(size)
