@@ -155,9 +155,11 @@ def main() -> None:
             t0 = time.perf_counter()
             build_train_data(c3, third=build_third(c3))
             build_s = time.perf_counter() - t0
-            cache_bytes = sum(f.stat().st_size for f in (tmp / f"cache{size}").rglob("*.npy"))
+            cache_bytes = sum(f.stat().st_size for f in (tmp / f"cache{size}").rglob("shards/*.npy"))
+            index_bytes = sum(f.stat().st_size for f in (tmp / f"cache{size}" / "index").iterdir())
             record = {"decode_pairs_per_s_one_worker": decode, "cache_build_pairs_per_s": args.pairs / build_s,
-                      "cache_bytes_per_sample": cache_bytes / args.pairs, "shard_bytes_per_sample": shard_bytes / args.pairs}
+                      "cache_bytes_per_sample": cache_bytes / args.pairs, "index_bytes_per_sample": index_bytes / args.pairs,
+                      "cache_build_seconds": build_s, "shard_bytes_per_sample": shard_bytes / args.pairs}
             runs = {}
             for tag, method, data in (("memory", "clip", "memory"), ("shards", "clip", None), ("shards", "3t", None)):
                 print(f"  training {method} from {tag} ...", flush=True)
@@ -170,7 +172,8 @@ def main() -> None:
     report["machine"] = machine(torch.device("cpu"))
     for size, r in report["sizes"].items():
         print(f"\n{size} px: decode {r['decode_pairs_per_s_one_worker']:,.0f} pairs/s per worker; h's cache built at "
-              f"{r['cache_build_pairs_per_s']:,.0f} pairs/s, {r['cache_bytes_per_sample']:,.0f} B/sample "
+              f"{r['cache_build_pairs_per_s']:,.0f} pairs/s (index + decode + h), {r['cache_bytes_per_sample']:,.0f} "
+              f"B/sample of embeddings, {r['index_bytes_per_sample']:,.0f} B/sample of index "
               f"(shards {r['shard_bytes_per_sample']:,.0f} B/sample)")
         print_table(["run", "pairs/s", "step ms", "data wait"],
                     [[k, f"{v['pairs_per_s']:,.0f}", f"{v['step_ms']:.1f}", f"{100 * v['data_fraction']:.1f}%"]

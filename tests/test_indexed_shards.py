@@ -152,6 +152,10 @@ def test_h_runs_once_per_shard_and_a_killed_build_redoes_only_its_shard(tmp_path
     records[2].unlink()  # a build killed inside shard 2 leaves no record for it
     build_train_data(cfg, third=h)
     assert sum(calls) == 15
+    calls.clear()
+    records[0].with_suffix(".npy").unlink()  # an embedding file lost after its record was written
+    build_train_data(cfg, third=h)
+    assert sum(calls) == 12
 
 
 def test_stale_embeddings_are_rebuilt_with_the_shard_and_the_reason(tmp_path, capsys):

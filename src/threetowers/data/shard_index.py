@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.atomic import atomic_path, write_json_atomic
+from ..core.atomic import atomic_path
+from ..core.formats import SHARD_INDEX_FORMAT, check_format, write_meta
 from .samples import IMAGE_EXTENSIONS
 from .shards import tar_is_truncated
 
-INDEX_VERSION = 2
 _EDGE = 64 << 10  # bytes hashed at each end of a shard: catches a rewrite that keeps size and mtime
 
 
@@ -107,20 +107,19 @@ def ensure_index(url: str, root: str | Path, report=print) -> dict:
     current = shard_identity(url)
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
-            change = identity_change(meta["identity"], current) if meta.get("version") == INDEX_VERSION else \
-                f"its index has format version {meta.get('version')}, not {INDEX_VERSION}"
+            meta = check_format(json.loads(meta_path.read_text()), SHARD_INDEX_FORMAT, meta_path)
+            change = identity_change(meta["identity"], current)
             if not change and npy.is_file():
                 return meta
             report(f"shard {url}: {change or 'its index file is missing'}; indexing it again")
-        except (ValueError, KeyError, TypeError) as err:  # a damaged record: rebuild it
-            report(f"shard {url}: its index record {meta_path} is unreadable ({type(err).__name__}); indexing it again")
+        except (ValueError, KeyError, TypeError) as err:  # a damaged or foreign record: rebuild it
+            report(f"shard {url}: its index record {meta_path} is unusable ({err}); indexing it again")
     records, bad = index_shard(url)
     with atomic_path(npy) as tmp:
         np.save(tmp, records)
-    meta = {"version": INDEX_VERSION, "url": url, "name": name, "identity": current, "rows": len(records), "bad": bad}
-    write_json_atomic(meta_path, meta)
-    return meta
+    write_meta(meta_path, SHARD_INDEX_FORMAT,
+               {"url": url, "name": name, "identity": current, "rows": len(records), "bad": bad})
+    return json.loads(meta_path.read_text())
 
 
 def open_index(root: str | Path, name: str) -> np.ndarray:

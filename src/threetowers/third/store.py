@@ -241,7 +241,10 @@ class ShardEmbeddings:
                 return None, f"the shard was rewritten since ({field} {meta['shard'].get(field)} -> {shard.get(field)})"
         if meta.get("rows") != rows:
             return None, f"it holds {meta.get('rows')} rows, the shard's index {rows}"
-        embeddings = np.load(npy, mmap_mode="r")
+        try:
+            embeddings = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError) as err:  # deleted or damaged after its record was written
+            return None, f"its array {npy.name} is unreadable ({type(err).__name__})"
         if embeddings.shape != (rows, third_info["dim"]):
             return None, f"its array has shape {embeddings.shape}, expected {(rows, third_info['dim'])}"
         return cls(embeddings, {int(r): reason for r, reason in meta.get("bad", {}).items()}), ""
