@@ -34,7 +34,8 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
         assert run["curve"], "training curve recorded"
         assert bool(run["mixing"]) == (run["method"] == "3t")
     md = (out / "results.md").read_text()
-    assert "The paper's claims" in md and "3T (object)" in md and ("HELD" in md)
+    assert "The paper's claims" in md and "3T (object)" in md and "| C1 3T > LiT on retrieval |" in md
+    assert "2 seed(s): there is no spread" in md and "**held**" not in md  # two seeds judge nothing
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000
     assert set(result["timings"]) == {"render", "pretrain", "cache", "train", "eval"}
@@ -63,11 +64,12 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
 def test_failed_claims_get_hypotheses_with_their_ablation_commands():
     from threetowers.apps.report import HYPOTHESES, ablation_plan
 
-    held = {"claim": "retrieval: 3T (object) beats LiT (object)", "third": "object", "difference": 0.1,
-            "held": True, "beyond_spread": True}
+    held = {"id": "C1", "claim": "3T > LiT on retrieval", "third": "object", "difference": 0.1, "se": 0.01,
+            "verdict": "held"}
     assert ablation_plan([held]) == []
-    failed = {**held, "third": "imagenet", "held": False}
+    failed = {**held, "third": "imagenet", "verdict": "not shown"}
     plan = "\n".join(ablation_plan([held, failed]))
-    assert "1 of 2 checks" in plan and "thirds=[imagenet]" in plan and "thirds=[imagenet,object]" not in plan
+    assert "1 of 2 checks (C1 h=imagenet: not shown)" in plan and "thirds=[imagenet]" in plan
+    assert "thirds=[imagenet,object]" not in plan and "seeds=[0]" not in plan  # ablations that decide need seeds
     for _, _, run in HYPOTHESES:
         assert run in plan

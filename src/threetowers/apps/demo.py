@@ -131,10 +131,18 @@ def run_demo(demo: DemoConfig) -> dict:
                          "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\nMachine: {machine()}\n"
-    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, header, timings))
+    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     _log(f"wrote {out / 'results.md'}, results.json and plots")
     return {"runs": runs, "timings": timings}
+
+
+def chance_levels(tasks: dict) -> dict[str, float]:
+    """Each headline metric's value for a model that guesses: 1 / classes, 1 / gallery images."""
+    chance = {f"{name}/top1": 1 / len(task.class_names) for name, task in tasks.items() if name.startswith("zeroshot")}
+    if "retrieval" in tasks:
+        chance.update({f"retrieval/{d}_R@1": 1 / len(tasks["retrieval"].images) for d in ("i2t", "t2i")})
+    return chance
 
 
 def world_overrides(cfg: Config) -> list[str]:

@@ -7,7 +7,6 @@ A run record is a dict: {"method": clip|lit|3t, "third": name or None, "seed": i
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..core.atomic import write_text_atomic
+from .claims import HELD, MIN_SEEDS, check_claims, summary_table
 
 # Headline metrics of the table, in order: (key in the metrics dict, column title).
 COLUMNS = [
@@ -23,7 +23,6 @@ COLUMNS = [
     ("retrieval/i2t_R@1", "I→T R@1"),
     ("retrieval/t2i_R@1", "T→I R@1"),
 ]
-RETRIEVAL = ("retrieval/i2t_R@1", "retrieval/t2i_R@1")
 
 
 def label(method: str, third: str | None) -> str:
@@ -68,58 +67,27 @@ def table(agg: dict, order: list[str]) -> str:
     return "\n".join(lines)
 
 
-def compare(agg: dict, a: str, b: str, metrics: tuple[str, ...]) -> tuple[float, bool] | None:
-    """Mean of (a − b) over `metrics`, and whether it exceeds the spread (the two std's combined as
-    sqrt(std_a² + std_b²), averaged over metrics) — i.e. whether the difference is larger than seed noise."""
-    if a not in agg or b not in agg or any(m not in agg[a] or m not in agg[b] for m in metrics):
-        return None
-    diff = float(np.mean([agg[a][m][0] - agg[b][m][0] for m in metrics]))
-    spread = float(np.mean([math.hypot(agg[a][m][1], agg[b][m][1]) for m in metrics]))
-    return diff, abs(diff) > spread and agg[a][metrics[0]][2] > 1
-
-
-def claims(agg: dict, thirds: dict[str, str]) -> list[dict]:
-    """The paper's claims, per third tower. `thirds` maps a third-tower name to the task its
-    labels are aligned with ("object", "scene", or "none" for a mismatched domain such as ImageNet)."""
-    out = []
-
-    def add(text: str, result: tuple[float, bool] | None, want_positive: bool = True) -> None:
-        if result is None:
-            return
-        diff, beyond = result
-        held = diff > 0 if want_positive else diff < 0
-        out.append({"claim": text, "third": third, "difference": diff, "held": held, "beyond_spread": beyond})
-
-    for third, aligned in thirds.items():
-        three, lit = label("3t", third), label("lit", third)
-        add(f"retrieval: 3T ({third}) beats LiT ({third})", compare(agg, three, lit, RETRIEVAL))
-        add(f"retrieval: 3T ({third}) beats CLIP", compare(agg, three, "CLIP", RETRIEVAL))
-        for task in ("object", "scene"):
-            key = (f"zeroshot_{task}/top1",)
-            add(f"{task} classification: 3T ({third}) beats CLIP", compare(agg, three, "CLIP", key))
-            if aligned == task:
-                add(f"{task} classification: LiT ({third}) beats 3T — h's labels match the task (the paper's JFT case)",
-                    compare(agg, three, lit, key), want_positive=False)
-            else:
-                add(f"{task} classification: 3T ({third}) beats LiT — h's labels do not match the task "
-                    "(the paper's ImageNet-21k / Places365 case)", compare(agg, three, lit, key))
-    return out
-
-
-def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str], header: str = "",
-                 timings: dict[str, float] | None = None) -> str:
-    """results.json, results.md and plots; returns the markdown table."""
+def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str], chance: dict[str, float],
+                 header: str = "", timings: dict[str, float] | None = None) -> str:
+    """results.json, results.md (the claims' summary first) and plots; returns the markdown table.
+    `chance`: each metric's chance level (1 / classes, 1 / images), for the "not testable" rule."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
     order = ["CLIP"] + [label(m, t) for t in thirds for m in ("lit", "3t")]
     order = [lab for lab in order if lab in agg]
-    checked = claims(agg, thirds)
-    md = [header, "## Results (mean ± std over seeds, %)", "", table(agg, order), "", "## The paper's claims", ""]
-    md += [
-        f"- {'HELD' if c['held'] else 'NOT HELD'}{' (beyond seed spread)' if c['beyond_spread'] else ' (within seed spread)'}: "
-        f"{c['claim']} — difference {100 * c['difference']:+.1f} points" for c in checked
-    ]
+    checked = check_claims(runs, thirds, chance)
+    seeds = len({r["seed"] for r in runs})
+    md = [header, "## The paper's claims (C1–C6 × h)", "",
+          f"Verdicts paired over seeds: held if the mean paired difference exceeds 2 standard errors (with at "
+          f"least {MIN_SEEDS} seeds), contradicted if it is below −2 standard errors, not shown otherwise; not "
+          "testable if both sides are within 2× chance on every metric of the claim. Cells: the verdict and the "
+          "mean paired difference ± its standard error, in points (`apps/claims.py` states the rule).", ""]
+    if seeds < MIN_SEEDS:
+        md += [f"**{seeds} seed(s): there is no spread to judge a difference by, so no claim is judged** "
+               f"(run with at least {MIN_SEEDS} seeds, e.g. the full `threetowers demo`).", ""]
+    md += [summary_table(checked, list(thirds)), "", "## Results (mean ± std over seeds, %)", "", table(agg, order), "",
+           "Chance: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()), ""]
     md += ablation_plan(checked)
     if timings:
         md += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
@@ -129,8 +97,8 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
     write_text_atomic(directory / "results.md", text)
     write_text_atomic(directory / "results.json", json.dumps(
         {"runs": runs, "aggregate": {k: {m: list(s) for m, s in v.items()} for k, v in agg.items()},
-         "claims": checked, "timings": timings or {}}, indent=1))
-    return table(agg, order)
+         "claims": checked, "chance": chance, "timings": timings or {}}, indent=1))
+    return summary_table(checked, list(thirds)) + "\n\n" + table(agg, order)
 
 
 # Why a claim of the paper may fail at demo scale, the methods the setting changes, and the one-line
@@ -150,14 +118,15 @@ HYPOTHESES = [
 
 def ablation_plan(checked: list[dict]) -> list[str]:
     """For claims that did not hold: the hypotheses and the demo command that tests each one."""
-    failed = [c for c in checked if not c["held"]]
+    failed = [c for c in checked if c["verdict"] != HELD]
     if not failed:
         return []
     thirds = sorted({c["third"] for c in failed})
-    md = ["", "## Claims that did not hold: hypotheses and the ablation that tests each", "",
-          f"Not held: {len(failed)} of {len(checked)} checks (third towers: {', '.join(thirds)}). Each hypothesis "
+    listed = "; ".join(f"{c['id']} h={c['third']}: {c['verdict']}" for c in failed)
+    md = ["", "## Claims not held: hypotheses and the ablation that tests each", "",
+          f"Not held: {len(failed)} of {len(checked)} checks ({listed}). Each hypothesis "
           "below is tested by re-running the demo for those towers with one override (a config, not code):", ""]
-    base = f"threetowers demo seeds=[0] thirds=[{','.join(thirds)}]"
+    base = f"threetowers demo thirds=[{','.join(thirds)}]"  # the demo's 3 seeds: enough to judge
     md += [f"- {why}: `{base} methods=[{methods}] output_dir=demo-ablation-{i} {run}`"
            for i, (why, methods, run) in enumerate(HYPOTHESES, 1)]
     md += ["", "The mixing sweep (`mixing.png`) shows whether the 3T model's own LiT-like pair (h_g(h), g_h) "
