@@ -65,6 +65,7 @@ _RANGES = {
     "optim.warmup_steps": (0, float("inf")),
     "optim.min_lr_ratio": (0.0, 1.0),
     "train.threads": (0, float("inf")),
+    "train.peak_flops": (0.0, float("inf")),
     "eval.every": (0, float("inf")),
     "train.seed": (0, 2**32 - 1),
     "train.max_consecutive_skips": (1, float("inf")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -87,10 +88,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
+    checkpointing = False  # train.grad_checkpointing: recompute activations in backward instead of storing them
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, W] -> [B, N, W]; with `rows` [B] (the token of each sequence that is used later)
         only those tokens' outputs, [B, W]."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # Only the block's input is kept for backward; its inner activations (about 2/3 of a
+            # transformer's activation memory) are recomputed. The same arithmetic, so the same grads.
+            return checkpoint(self._forward, x, mask, causal, rows, use_reentrant=False)
+        return self._forward(x, mask, causal, rows)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 rows: torch.Tensor | None) -> torch.Tensor:
         if rows is None:
             x = x + self.attn(self.norm1(x), mask, causal)
             return x + self.mlp(self.norm2(x))

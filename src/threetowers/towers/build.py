@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from .blocks import Block
 from .text import TextTransformer
 from .vit import VisionTransformer
 from ..core.formats import load_weights
@@ -72,3 +73,20 @@ def build_text_tower(cfg, pad_id: int = 0) -> TextTransformer:
     return TextTransformer(
         cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id, cfg.init
     )
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Activation checkpointing in every trained tower of `model` (our transformer blocks; timm models
+    through their own `set_grad_checkpointing`). Returns how many blocks or timm towers were set.
+    A frozen h runs without gradients, so it is never recomputed."""
+    count = 0
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            continue  # frozen (h): no backward to save memory for
+        if isinstance(module, Block):
+            module.checkpointing = enabled
+            count += 1
+        elif isinstance(module, TimmTower):
+            module.model.set_grad_checkpointing(enabled)
+            count += 1
+    return count

@@ -37,10 +37,12 @@ from ..core.distributed import (
     DistInfo, all_mean, barrier, gather_objects, on_main, unwrap, wrap_model,
 )
 from ..schema import Config
+from ..towers.build import set_grad_checkpointing
 from .checkpoint import (
     TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
 )
+from .flops import train_flops_per_pair, utilisation
 from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -171,10 +173,11 @@ def forward_backward(model: nn.Module, batch: dict, grad_accum: int, device: tor
     """
     sums: dict[str, torch.Tensor] = {}
     micro = split_batch(batch, grad_accum)
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the DDP module it wraps
     for i, part in enumerate(micro):
         part = _to_device(part, device)
         last = i == len(micro) - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+        with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last else nullcontext():
             with autocast(device, precision):
                 out = model(part)
             (out["loss"] / len(micro)).backward()
@@ -247,8 +250,13 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                f"{n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters -> {out}")
 
     on_main(info, prepare)
+    if tc.grad_checkpointing:
+        report(f"activation checkpointing in {set_grad_checkpointing(model)} blocks or timm towers")
     ddp = wrap_model(model, info)
     ddp.train()
+    # torch.compile traces the model on its first call (minutes on a large model) and then runs fused
+    # kernels; it wraps the DDP module, whose buckets it splits at graph breaks (DDPOptimizer).
+    step_model = torch.compile(ddp) if tc.compile else ddp
     logger = RunLogger(out, enabled=info.is_main, total_steps=tc.steps, start_step=start, progress=tc.progress,
                        tensorboard=tc.tensorboard, desc=job.name)
     per_rank = tc.batch_size // info.world_size
@@ -269,6 +277,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         return on_main(info, lambda: str(save_checkpoint(out, step, write, tc.keep_checkpoints)))
 
     batches: Iterator[dict] = iter(job.data.batches(start))
+    flops_per_pair: float | None = None
     consecutive = 0  # skipped steps in a row
     eval_error: Exception | None = None
     try:
@@ -283,7 +292,9 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             if _rows(batch) != per_rank:
                 raise ValueError(f"the data gave {_rows(batch)} rows at step {step + 1}; expected train.batch_size / "
                                  f"world size = {per_rank}")
-            stats = forward_backward(ddp, batch, tc.grad_accum, info.device, tc.precision)
+            if flops_per_pair is None:  # counted once, on two rows of the first batch
+                flops_per_pair = train_flops_per_pair(model, batch, info.device)
+            stats = forward_backward(step_model, batch, tc.grad_accum, info.device, tc.precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
             keys = sorted(stats)
             values = all_mean(torch.stack([stats[k] for k in keys] + [grad_norm.float().reshape(())]), info).tolist()
@@ -332,6 +343,8 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                     **window.means(), "train/lr": lr, "train/samples_per_s": tc.batch_size * window.steps / window.step_s,
                     "time/data_s": window.data_s / window.steps, "time/step_s": window.step_s / window.steps,
                     "time/data_fraction": window.data_s / window.step_s, "train/nonfinite_skipped": skipped,
+                    "perf/flops_per_pair": flops_per_pair,
+                    **utilisation(flops_per_pair, per_rank * window.steps / window.step_s, tc.peak_flops),
                     **{f"data/bad/{k}": v for k, v in bad.items()},
                 }
                 logger.log(done, last_logged)
