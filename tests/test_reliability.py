@@ -5,7 +5,6 @@ settings, non-finite weights and skip limits, full disks and misnamed weights fi
 checkpoints, config gaps, a stale tokenizer. (Repeated rows in a batch: tests/test_pairs.py.)
 """
 
-import io
 import json
 import math
 import pickle

@@ -197,8 +197,22 @@ def test_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch):
 def test_world_hash_tracks_what_changes_pixels():
     base = WorldConfig()
     assert world_hash(base) == world_hash(replace(base, num_pairs=5, cache_dir="/elsewhere"))
-    for change in ({"seed": 1}, {"image_size": 64}, {"caption_noise": 0.5}):
+    for change in ({"seed": 1}, {"image_size": 64}, {"caption_noise": 0.5}, {"colour_words": 0.5}):
         assert world_hash(replace(base, **change)) != world_hash(base)
+    assert world_hash(base) == "281ad77d5090"  # worlds rendered before colour_words existed keep their caches
+
+
+def test_colour_words_leave_colour_out_of_captions_but_not_out_of_pictures(world):
+    mono = World(WorldConfig(seed=0, caption_noise=0.0, colour_words=0.0), progress=False).pairs("train", 200)
+    plain = world.pairs("train", 200)
+    assert np.array_equal(mono.images, plain.images)  # the same pictures
+    all_colours = [w for words in COLOUR_WORDS.values() for w in words]
+    assert not any(_mentions(c, all_colours) for c in mono.captions)
+    for caption, objs in zip(mono.captions, mono.objects):
+        assert all(_mentions(caption, world.object_words(o["name"])) for o in objs), caption
+    half = World(WorldConfig(seed=0, caption_noise=0.0, colour_words=0.5), progress=False).pairs("train", 300)
+    named = sum(_mentions(c, all_colours) for c in half.captions)
+    assert 100 < named < 290  # some captions name a colour, many do not
 
 
 def test_show_writes_png(world, tmp_path):

@@ -77,7 +77,7 @@ _RANGES = {
 # Every float field must be a finite number (inf or nan would train nothing, silently).
 _FINITE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
            "loss.init_bias", "model.image.mlp_ratio", "model.text.mlp_ratio", "data.max_bad_fraction",
-           "data.world.caption_noise")
+           "data.world.caption_noise", "data.world.colour_words", "data.world.scene_words")
 PRETRAIN_DATASETS = ("world_object", "world_scene", "fashion_mnist", "folder:PATH")
 
 
@@ -160,6 +160,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if not 0 <= cfg.data.world.caption_noise <= 1:
         raise ConfigError(f"data.world.caption_noise={cfg.data.world.caption_noise} must be in [0, 1]")
+    for key in ("colour_words", "scene_words"):
+        if not 0 <= getattr(cfg.data.world, key) <= 1:
+            raise ConfigError(f"data.world.{key}={getattr(cfg.data.world, key)} must be in [0, 1]")
     if cfg.data.source != "world" and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path")
     validate_eval(cfg.eval)

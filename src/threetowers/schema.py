@@ -104,6 +104,8 @@ class WorldConfig:
     num_pairs: int = 20000
     caption_noise: float = 0.2
     sprites: str = "shapes"  # shapes | fashion_mnist | folder:PATH (comma-separated to mix)
+    colour_words: float = 1.0  # the chance that a caption names an object's colour (below 1: shapes must be seen)
+    scene_words: float = 1.0  # the chance that a caption names the background (else "a background")
     cache_dir: str = ""  # "" = ~/.cache/threetowers/world
 
 

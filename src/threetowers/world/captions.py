@@ -92,11 +92,16 @@ def relation(rng: np.random.Generator, a: dict, b: dict) -> str:
 class Captioner:
     """Captions for one world: its image size (for positions), object classes and their synonyms."""
 
-    def __init__(self, size: int, classes: list[str], synonyms: dict[str, list[str]], noise: float) -> None:
+    def __init__(self, size: int, classes: list[str], synonyms: dict[str, list[str]], noise: float,
+                 colour_words: float = 1.0, scene_words: float = 1.0) -> None:
         self.size = size
         self.classes = classes
         self.synonyms = synonyms
         self.noise = noise  # the fraction of noisy-recipe captions that are corrupted
+        # The chance that a caption names an object's colour. Below 1, colour alone cannot match a
+        # caption to its image, so a tower has to see shapes. At 1 no draw is made (worlds as before).
+        self.colour_words = colour_words
+        self.scene_words = scene_words  # the same for naming the background (else "a background")
         self._colours = list(COLOURS)
 
     def object_words(self, name: str) -> list[str]:
@@ -122,15 +127,21 @@ class Captioner:
     def _phrase(self, rng: np.random.Generator, o: dict) -> str:
         words = [_pick(rng, SIZE_WORDS[o["size"]])] if o["size"] and rng.random() < 0.6 else []
         name = _pick(rng, self.synonyms[o["name"]])
-        if o["colour"] is None:
+        if o["colour"] is None or not self._names(rng, self.colour_words):
             return " ".join(words + [name])
         colour = _pick(rng, COLOUR_WORDS[o["colour"]])
         if rng.random() < 0.15:
             return " ".join(words + [name]) + " in " + colour
         return " ".join(words + [colour, name])
 
+    @staticmethod
+    def _names(rng: np.random.Generator, chance: float) -> bool:
+        return chance >= 1 or rng.random() < chance  # at 1, no draw: the default world's captions as before
+
     def _caption(self, rng: np.random.Generator, scene: int, objs: list[dict]) -> str:
         bg = _pick(rng, SCENE_PHRASES[SCENES[scene]])
+        if not self._names(rng, self.scene_words):
+            bg = "a background"
         order = [objs[i] for i in rng.permutation(len(objs))]
         groups: dict[tuple, list[dict]] = {}
         for o in order:
@@ -138,7 +149,8 @@ class Captioner:
         things = THINGS[below(rng, len(THINGS))]
         if len(groups) < len(objs):  # repeated objects: counted ("two red circles")
             parts = [_article(self._phrase(rng, g[0])) if len(g) == 1 else
-                     " ".join([COUNTS[len(g)]] + ([g[0]["colour"]] if g[0]["colour"] else []) + [_plural(g[0]["name"])])
+                     " ".join([COUNTS[len(g)]] + ([g[0]["colour"]] if g[0]["colour"] and self._names(rng, self.colour_words) else [])
+                              + [_plural(g[0]["name"])])
                      for g in groups.values()]
             template = TEMPLATES_GROUPED[below(rng, len(TEMPLATES_GROUPED))]
             return template.format(list=_join(parts), bg=bg, count=COUNTS[len(objs)], things=things)

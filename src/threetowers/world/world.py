@@ -53,7 +53,8 @@ class World:
         self.scene_classes = list(SCENES)
         self.colours = list(COLOURS)
         self._renderer = Renderer(cfg.image_size, self.sources, self.object_classes, members)
-        self._captioner = Captioner(cfg.image_size, self.object_classes, self.synonyms, cfg.caption_noise)
+        self._captioner = Captioner(cfg.image_size, self.object_classes, self.synonyms, cfg.caption_noise,
+                                    cfg.colour_words, cfg.scene_words)
         self._cache = SetCache(cfg, self.hash, cache_min, progress)
         self._sets = Sets(self._render, self.hash, cfg.num_pairs, self.object_classes, self.scene_classes)
 
