@@ -60,7 +60,8 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
     with pytest.raises(ConfigError, match="--run key=value"):
         load_demo_config("demo/full", ["overrides=[loss.weights=[0.5,0.25,0.25]]"])
     gpu = load_demo_config("demo/gpu")  # every run of the GPU preset is a valid config (checked without a GPU)
-    assert run_config(gpu, "3t", "object", 0, []).train.batch_size == 1024
+    assert run_config(gpu, "3t", "object", 0, ["model.third.source=checkpoint", "model.third.path=h"]
+                      ).train.batch_size == 1024
 
 
 def test_failed_claims_get_hypotheses_with_their_ablation_commands():
