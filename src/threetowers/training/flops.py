@@ -1,6 +1,6 @@
 """Model FLOPs per training pair, counted from the model itself, and utilisation against a peak.
 
-`train_flops_per_pair` runs one forward and backward of two rows of the first batch under PyTorch's
+`train_flops_per_pair` runs one forward and backward of 8 rows of the first batch under PyTorch's
 `FlopCounterMode`, which counts the FLOPs of every matmul, convolution and attention (2 per
 multiply-add) that the towers, heads and loss execute, backward included. That is the usual
 "model FLOPs" (as in the PaLM paper's MFU): what the model needs, not what the hardware did, so
@@ -35,11 +35,14 @@ _CPU_ATTENTION = {_ATEN._scaled_dot_product_flash_attention_for_cpu: _cpu_attent
 
 
 def train_flops_per_pair(model: nn.Module, batch: dict, device: torch.device) -> float:
-    """FLOPs of one training step per pair, counted on two rows of `batch` (forward + backward).
+    """FLOPs of one training step per pair, counted on 8 rows of `batch` (forward + backward).
+
+    (On the CPU the text tower skips columns that are padding in every row, so the count follows
+    the rows' caption lengths; 8 rows keep that close to the batch's average.)
 
     Runs in eval mode (batch norms' running statistics are not touched) and leaves no gradients.
     Under torch.distributed the loss gathers other ranks' rows, which every rank does in step here."""
-    rows = 2
+    rows = min(8, next(len(v) for v in batch.values() if isinstance(v, torch.Tensor)))
     small = {k: v[:rows] for k, v in batch.items()}
     small = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in small.items()}
     was_training = model.training

@@ -292,7 +292,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             if _rows(batch) != per_rank:
                 raise ValueError(f"the data gave {_rows(batch)} rows at step {step + 1}; expected train.batch_size / "
                                  f"world size = {per_rank}")
-            if flops_per_pair is None:  # counted once, on two rows of the first batch
+            if flops_per_pair is None:  # counted once, on 8 rows of the first batch
                 flops_per_pair = train_flops_per_pair(model, batch, info.device)
             stats = forward_backward(step_model, batch, tc.grad_accum, info.device, tc.precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
