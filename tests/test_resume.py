@@ -3,10 +3,8 @@ explicit, never and auto resume; a checkpoint of another model is refused; the r
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from threetowers.config import load_config
 from threetowers.training.checkpoint import CheckpointError, list_checkpoints
 from threetowers import train
-from train_helpers import FAST, SyntheticData
+from train_helpers import FAST, SyntheticData, sigkill_after_first_checkpoint
 
 HELPER = Path(__file__).with_name("train_helpers.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -45,12 +43,7 @@ def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     a = subprocess.Popen(command(full), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     b = subprocess.Popen(command(killed), env={**ENV, "TT_STEP_DELAY": "0.15"}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not list((killed / "checkpoints").glob("step_*/manifest.json")):
-        assert b.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    b.send_signal(signal.SIGKILL)
-    assert b.wait() == -signal.SIGKILL
+    sigkill_after_first_checkpoint(b, killed)
     assert not (killed / "model").exists()
     done_before = max(s for s, _ in list_checkpoints(killed))
     assert done_before < 12

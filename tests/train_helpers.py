@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,16 @@ class SyntheticData:
 
     def bad_samples(self) -> dict[str, int]:
         return {"corrupt_image": 1}
+
+
+def sigkill_after_first_checkpoint(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
+    """Wait until a run has written its first whole checkpoint, then SIGKILL it (as a pre-empted job)."""
+    deadline = time.time() + timeout
+    while not list((output_dir / "checkpoints").glob("step_*/manifest.json")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
 
 
 def install() -> None:
