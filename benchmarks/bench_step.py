@@ -49,6 +49,7 @@ from common import interleave, machine, print_table, resident_bytes, step_peak_m
 from threetowers.config import load_config  # noqa: E402
 from threetowers.core.atomic import write_json_atomic  # noqa: E402
 from threetowers import ThreeTowers, create_model  # noqa: E402
+from threetowers.training.flops import train_flops_per_pair  # noqa: E402
 from threetowers.third import FrozenImageModel, Preprocessing, ThirdTower  # noqa: E402
 from threetowers.towers.vit import VisionTransformer  # noqa: E402
 from threetowers.training.optim import build_optimizer  # noqa: E402
@@ -323,6 +324,8 @@ def param_notes(s: Shapes) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--peak-flops", type=float, default=0.0,
+                    help="the device's dense peak FLOP/s in the precision measured (e.g. 989e12: H100/H200 bf16) for MFU")
     ap.add_argument("--quick", action="store_true", help="smaller batch on CPU and fewer rounds")
     ap.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     ap.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the preset's)")
@@ -393,6 +396,14 @@ def main(argv: list[str] | None = None) -> dict:
         results[c.name].update(summary(times[c.name], s.batch))
         results[c.name]["pairs_per_s"] = results[c.name].pop("per_s")
 
+    # Model FLOPs per pair of each architecture (training/flops.py), the same for open_clip at identical
+    # shapes: what MFU is computed from, against --peak-flops.
+    flops = model_flops(s, device)
+    for name, r in results.items():
+        kind = "3t" if "/3t" in name else "lit" if "/lit" in name else "clip"
+        r["flops_per_pair"] = flops[kind + (" online" if "online" in name else "")]
+        if args.peak_flops:
+            r["mfu"] = r["flops_per_pair"] * r["pairs_per_s"] / args.peak_flops
     ref = {p: results.get(f"ours/clip {p}", {}).get("median_s") for p in precisions + (p2,)}
     rows = []
     for name, r in results.items():
@@ -402,9 +413,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{base / r['median_s']:.2f}" if base else "", f"{r['peak_mib']:.0f}" if r["peak_mib"] else "n/a",
             f"{r['trainable'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M",
             f"{r['n']} ({r['n_disturbed']})" + (" !" if r["all_disturbed"] else ""),
+            f"{r['flops_per_pair'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–",
         ])
     print_table(["contender", "step ms (median)", "min", "pairs/s", "speed vs ours/clip", "peak MiB",
-                 "trainable / all", "steps (disturbed)"],
+                 "trainable / all", "steps (disturbed)", "GFLOPs/pair", "MFU"],
                 rows, title=f"batch {s.batch}, {device}, medians over interleaved undisturbed steps")
     if any(r["all_disturbed"] for r in results.values()):
         print("  ! every step of this contender was disturbed by other processes; its median includes them")
@@ -426,6 +438,17 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomic(args.out, report)
         print(f"wrote {args.out}")
     return report
+
+
+def model_flops(s: Shapes, device: torch.device) -> dict[str, float]:
+    """Training FLOPs per pair of each architecture, counted on our models (h online: its forward too)."""
+    batch = make_batch(s, device)
+    out = {}
+    for kind, method, third in (("clip", "clip", None), ("3t", "3t", "cached"), ("lit", "lit", "cached"),
+                                ("3t online", "3t", "online"), ("lit online", "lit", "online")):
+        rows = {k: v for k, v in batch.items() if third == "cached" or k != "third"}
+        out[kind] = train_flops_per_pair(build_ours(s, method, third).to(device), rows, device)
+    return out
 
 
 def _open_clip_version() -> str:

@@ -15,5 +15,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY benchmarks/bench_memory.py --preset gpu --batches 256 1024 4096 --compile --peak-flops "$PEAK" \
   --out "$OUT/gpu_memory.json" 2>&1 | tee "$OUT/gpu_memory.log"
 for b in 256 1024; do
-  $PY benchmarks/bench_step.py --preset gpu --quick --batch "$b" --out "$OUT/gpu_step_$b.json" 2>&1 | tee "$OUT/gpu_step_$b.log"
+  $PY benchmarks/bench_step.py --preset gpu --quick --batch "$b" --peak-flops "$PEAK" --out "$OUT/gpu_step_$b.json" \
+    2>&1 | tee "$OUT/gpu_step_$b.log"
 done
