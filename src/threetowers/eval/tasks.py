@@ -22,6 +22,7 @@ from ..data.tokenizer import Tokenizer
 from ..model.factory import load_model, read_model_meta
 from ..third.store import EvalFeatures
 from ..world import World
+from .benchmark import check_dataset_root, run_benchmark
 from .fewshot import fewshot_eval
 from .suite import encode_images, evaluate
 
@@ -124,6 +125,20 @@ def evaluate_saved(model_dir: str | Path, tasks: list[str] | None = None,
                    overrides: list[str] | None = None) -> dict[str, float]:
     """Evaluate a saved model (a run's model/ or a checkpoint directory) on `tasks` (default: its
     eval.tasks), with `eval.*` overrides; the Python twin of `threetowers eval`."""
+    cfg, model, tokenizer = load_saved(model_dir, overrides)
+    return run_tasks(model, tokenizer, build_tasks(cfg, tasks), cfg.eval.batch_size, cfg.eval.mixing_alphas)
+
+
+def benchmark_saved(model_dir: str | Path, name: str, root: str | Path, amp: bool = False,
+                    overrides: list[str] | None = None) -> dict[str, float]:
+    """A saved model on a dataset CLIP_benchmark builds (`threetowers eval MODEL --benchmark NAME`)."""
+    check_dataset_root(name, root)  # before loading anything
+    cfg, model, tokenizer = load_saved(model_dir, overrides, mixing=False)
+    return run_benchmark(model, tokenizer, name, root, cfg.model.image.image_size, cfg.eval.batch_size, amp)
+
+
+def load_saved(model_dir: str | Path, overrides: list[str] | None = None, mixing: bool = True):
+    """(config with `eval.*` overrides, model, tokenizer) of a saved model, h loaded where needed."""
     directory = Path(model_dir)
     meta = read_model_meta(directory)
     base = fill_added_fields(meta["config"])
@@ -134,7 +149,6 @@ def evaluate_saved(model_dir: str | Path, tasks: list[str] | None = None,
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"{directory} has no tokenizer.json; the model cannot encode text without it")
     # h is needed for LiT (it is the image side) and for the 3T mixing sweep.
-    with_third = cfg.model.method == "lit" or (cfg.model.method == "3t" and bool(cfg.eval.mixing_alphas))
+    with_third = cfg.model.method == "lit" or (mixing and cfg.model.method == "3t" and bool(cfg.eval.mixing_alphas))
     model = load_model(directory, with_third=with_third)
-    tokenizer = Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)
-    return run_tasks(model, tokenizer, build_tasks(cfg, tasks), cfg.eval.batch_size, cfg.eval.mixing_alphas)
+    return cfg, model, Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)

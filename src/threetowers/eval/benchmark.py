@@ -1,0 +1,85 @@
+"""Standard benchmarks through LAION's CLIP_benchmark: its datasets, class names, templates and metrics.
+
+`pip install "threetowers[benchmark]"` installs clip-benchmark (an optional dependency, imported
+only here). What is ours is the adapter: our model's `encode_image` (images in [0, 1], so the
+transform is resize, center crop and `ToTensor`, without normalisation: our towers and h normalise
+their own input) and `encode_text` behind CLIP_benchmark's model interface, and our tokenizer.
+
+Known pitfalls of clip-benchmark 1.6.2, and what is done about each:
+- `clip_benchmark.datasets.builder` imports `requests` at the top: the extra declares it.
+- Its `zeroshot_classification.accuracy` calls `float()` on a one-element array, which NumPy 2.4
+  refuses (TypeError). Zero-shot classification therefore uses the library's own classifier
+  (`zero_shot_classifier`) and logits (`run_classification`) and computes top-1 / top-5 and
+  mean-per-class recall from those logits with `eval/zeroshot.py` (equal to CLIP_benchmark's
+  metric functions to 0.00 points on the world's sets, `tests/test_eval_metrics.py`).
+- Its command line runs bf16 autocast on the CPU by default, which moves R@1 by up to 0.6 points:
+  here `amp` is off unless asked for, and the precision is part of every result's key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from .zeroshot import zeroshot_accuracy
+
+
+class MissingBenchmarkError(ImportError, ValueError):
+    """clip-benchmark is not installed (a ValueError too, so the command line says it in one line)."""
+
+
+def _clip_benchmark():
+    try:
+        from clip_benchmark.datasets import builder
+        from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+    except ImportError as err:
+        raise MissingBenchmarkError(f"--benchmark needs clip-benchmark ({err.name} is missing): "
+                                    "pip install 'threetowers[benchmark]'") from None
+    return builder, zeroshot_classification, zeroshot_retrieval
+
+
+def check_dataset_root(name: str, root: str | Path, split: str = "test") -> None:
+    """A `wds/...` dataset root must hold what CLIP_benchmark reads; say which file is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--dataset-root {root} is not a folder")
+    if name.startswith("wds/"):
+        needed = [root / split / "nshards.txt"]
+        kind = (root / "dataset_type.txt").read_text().strip() if (root / "dataset_type.txt").is_file() else ""
+        if kind != "retrieval":
+            needed += [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
+        missing = [str(p) for p in needed if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{name} in {root}: {', '.join(missing)} missing (CLIP_benchmark's webdataset "
+                                    "layout: <root>/<split>/nshards.txt and 0.tar ..., classnames.txt, "
+                                    "zeroshot_classification_templates.txt)")
+
+
+def run_benchmark(model: Any, tokenizer: Callable, name: str, root: str | Path, image_size: int,
+                  batch_size: int = 64, amp: bool = False, split: str = "test") -> dict[str, float]:
+    """Zero-shot classification or retrieval on a dataset CLIP_benchmark builds (`wds/<name>`,
+    `cifar10`, ...), as {benchmark/<name>/<precision>/<metric>: value}."""
+    builder, classification, retrieval = _clip_benchmark()
+    check_dataset_root(name, root, split)
+    transform = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                            v2.ToDtype(torch.float32, scale=True)])
+    dataset = builder.build_dataset(name, root=str(root), transform=transform, split=split, download=False)
+    task = builder.get_dataset_default_task(name) if not name.startswith("wds/") else (
+        "zeroshot_retrieval" if dataset.classes is None else "zeroshot_classification")
+    device = str(next(model.parameters()).device) if isinstance(model, torch.nn.Module) else "cpu"
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=builder.get_dataset_collate_fn(name))
+    model.eval()
+    if task == "zeroshot_retrieval":
+        scores = retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=[1, 5, 10])
+    else:
+        classes = [c.replace("_", " ") for c in dataset.classes]
+        classifier = classification.zero_shot_classifier(model, tokenizer, classes, dataset.templates, device, amp)
+        logits, target = classification.run_classification(model, classifier, loader, device, amp)
+        # The library's logits are 100 x cosine: rank by them with our metric (see the module docstring).
+        scores = zeroshot_accuracy(logits.float() / 100.0, torch.eye(len(classes)), target.numpy(), ks=(1, 5))
+    precision = "bf16" if amp else "fp32"
+    return {f"benchmark/{name}/{precision}/{k}": float(v) for k, v in scores.items()}

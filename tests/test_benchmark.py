@@ -1,0 +1,86 @@
+"""Standard benchmarks through CLIP_benchmark: a tiny dataset in its webdataset layout, scored by the
+library's dataset builder, classifier and logits, equal to our own suite on the same images."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("clip_benchmark")
+
+from conftest import tiny_config  # noqa: E402
+from threetowers import create_model, save_model  # noqa: E402
+from threetowers.apps.cli import main  # noqa: E402
+from threetowers.core.sets import LabelledSet  # noqa: E402
+from threetowers.data.tokenizer import Tokenizer  # noqa: E402
+from threetowers.eval.benchmark import run_benchmark  # noqa: E402
+from threetowers.eval.suite import evaluate  # noqa: E402
+
+CLASSES = ["red square", "green_circle", "blue star"]
+TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]
+
+
+def wds_dataset(root, n=24, size=16):
+    """CLIP_benchmark's layout: test/nshards.txt, test/0.tar (KEY.png + KEY.cls), classnames, templates."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % len(CLASSES)
+    (root / "test").mkdir(parents=True)
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, "PNG")
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(labels[i]).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    return images, labels
+
+
+def model_and_tokenizer():
+    cfg = tiny_config("clip", "model.text.vocab_size=300")
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train([t.format(c=c) for c in CLASSES for t in TEMPLATES] * 20, 300,
+                                cfg.model.text.context_length)
+    return cfg, create_model(cfg).eval(), tokenizer
+
+
+def test_clip_benchmark_scores_equal_our_suite_on_the_same_images(tmp_path):
+    images, labels = wds_dataset(tmp_path / "ds")
+    cfg, model, tokenizer = model_and_tokenizer()
+    theirs = run_benchmark(model, tokenizer, "wds/tiny", tmp_path / "ds", cfg.model.image.image_size, batch_size=7)
+    ours = evaluate(model, tokenizer, {"tiny": LabelledSet(images, labels, [c.replace("_", " ") for c in CLASSES],
+                                                           [t.replace("{c}", "{}") for t in TEMPLATES])})
+    assert set(theirs) == {f"benchmark/wds/tiny/fp32/{m}" for m in ("top1", "top5", "mean_per_class_recall")}
+    for metric in ("top1", "top5", "mean_per_class_recall"):
+        assert theirs[f"benchmark/wds/tiny/fp32/{metric}"] == pytest.approx(ours[f"tiny/{metric}"], abs=1e-9)
+    assert theirs["benchmark/wds/tiny/fp32/top5"] == 1.0  # 3 classes: top-5 holds every class
+
+
+def test_a_dataset_root_without_its_files_is_one_clear_error(tmp_path):
+    wds_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "classnames.txt").unlink()
+    cfg, model, tokenizer = model_and_tokenizer()
+    with pytest.raises(FileNotFoundError, match="classnames.txt missing"):
+        run_benchmark(model, tokenizer, "wds/tiny", tmp_path / "ds", 16)
+
+
+def test_threetowers_eval_benchmark_writes_the_same_json_as_other_tasks(tmp_path, capsys):
+    wds_dataset(tmp_path / "ds")
+    cfg, model, tokenizer = model_and_tokenizer()
+    save_model(model, tmp_path / "model")
+    tokenizer.save(tmp_path / "model" / "tokenizer.json")
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(tmp_path / "model"), "--benchmark", "wds/tiny", "--dataset-root", str(tmp_path / "ds"),
+                 "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert 0 <= scores["benchmark/wds/tiny/fp32/top1"] <= 1 and "benchmark/wds/tiny/fp32/top1" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "model"), "--benchmark", "wds/tiny", "--dataset-root", str(tmp_path / "nope")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
