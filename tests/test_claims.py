@@ -56,4 +56,4 @@ def test_each_h_gets_its_claims_and_the_table_lists_them():
     assert checked["C3"]["verdict"] == NOT_SHOWN  # identical classification: no difference at all
     assert checked["C5"]["verdict"] == CONTRADICTED  # LiT wins scenes by 20 points on every seed
     table = summary_table(list(checked.values()), ["imagenet"])
-    assert "| C1 3T > LiT on retrieval | **held** (+10.5 ± 0.3) |" in table and "C5" in table
+    assert "| C1 3T > LiT, retrieval | **held** (+10.5 ± 0.3) |" in table and "C5 3T > LiT, h's labels" in table

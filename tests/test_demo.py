@@ -34,7 +34,7 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
         assert run["curve"], "training curve recorded"
         assert bool(run["mixing"]) == (run["method"] == "3t")
     md = (out / "results.md").read_text()
-    assert "The paper's claims" in md and "3T (object)" in md and "| C1 3T > LiT on retrieval |" in md
+    assert "The paper's claims" in md and "3T (object)" in md and "| C1 3T > LiT, retrieval |" in md
     assert "2 seed(s): there is no spread" in md and "**held**" not in md  # two seeds judge nothing
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000

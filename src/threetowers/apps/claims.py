@@ -40,6 +40,12 @@ class Claim:
     metrics: tuple[str, ...]
 
 
+# One row label per claim, whatever h (C4's task depends on h: the row says what the cells share).
+SHORT = {"C1": "3T > LiT, retrieval", "C2": "3T > CLIP, retrieval", "C3": "3T > CLIP, classification",
+         "C4": "LiT > 3T on the task h's labels match", "C5": "3T > LiT, h's labels and domain differ",
+         "C6": "3T > LiT on objects, scene-pretrained h"}
+
+
 def claims_for(third: str, aligned: str) -> list[Claim]:
     """The claims that apply to an h whose labels match `aligned` ("object", "scene" or "none")."""
     out = [Claim("C1", "3T > LiT on retrieval", "3t", "lit", RETRIEVAL),
@@ -97,7 +103,7 @@ def check_claims(runs: list[dict], thirds: dict[str, str], chance: dict[str, flo
 def summary_table(checked: list[dict], thirds: list[str]) -> str:
     """C1–C6 × h: the verdict, and the mean paired difference ± its standard error in points."""
     cell = {(c["id"], c["third"]): c for c in checked}
-    texts = {c["id"]: c["claim"].split(":")[0] for c in checked}
+    texts = {c["id"]: SHORT[c["id"]] for c in checked}
     lines = ["| claim | " + " | ".join(f"h = {t}" for t in thirds) + " |", "|---" * (len(thirds) + 1) + "|"]
     for cid in sorted(texts):
         row = []
