@@ -181,7 +181,12 @@ def test_lit_on_cached_shards_never_decodes_an_image_and_skips_known_bad_rows(tm
     cfg = shard_config(tmp_path, shards, "lit", "model.third.heads=shared")
     data = build_train_data(cfg, third=fake_third())
     monkeypatch.setattr(data.dataset.decoder, "decode", lambda *a: pytest.fail("LiT decoded an image"))
+    read = data.rows.read
+    images_read = []
+    monkeypatch.setattr(data.rows, "read", lambda row, image=True, caption=True: images_read.append(image)
+                        or read(row, image, caption))
     batches = [next(data.batches(s)) for s in range(6)]
+    assert images_read and not any(images_read)  # not even the image bytes are read
     assert all("image" not in b and b["third"].shape == (8, 24) for b in batches)
     assert "s0-0001" not in {k for b in batches for k in b["keys"]}
     assert data.bad_samples().get("corrupt_image", 0) >= 1

@@ -100,16 +100,16 @@ class ShardRows:
         shard = int(np.searchsorted(self.starts, row, side="right")) - 1
         return shard, row - int(self.starts[shard])
 
-    def read(self, row: int) -> tuple[bytes | None, bytes | None, str, str]:
-        """(image bytes, caption bytes, key, where) of a row."""
+    def read(self, row: int, image: bool = True, caption: bool = True) -> tuple[bytes | None, bytes | None, str, str]:
+        """(image bytes, caption bytes, key, where) of a row; a member not asked for is not read (None)."""
         if self._pid != os.getpid():
             self._open()
         shard, local = self.locate(row)
         record = self.indexes.get(shard)[local]
-        handle = self.files.get(shard)
         key = record["key"].decode("utf-8", "surrogateescape")
-        return (read_member(handle, record["image"]), read_member(handle, record["caption"]), key,
-                f"{self.shards.urls[shard]}:{key}")
+        handle = self.files.get(shard) if image or caption else None
+        return (read_member(handle, record["image"]) if image else None,
+                read_member(handle, record["caption"]) if caption else None, key, f"{self.shards.urls[shard]}:{key}")
 
     def third_embedding(self, row: int) -> torch.Tensor:
         """h's cached pre-logits of a row, as float32."""
@@ -132,9 +132,11 @@ class StepBatches(Dataset):
         self.with_third = rows.shards.embedding_dir is not None
 
     def _sample(self, row: int) -> dict | None:
-        image, caption, key, where = self.rows.read(row)
+        known_bad = row in self.rows.shards.known_bad  # then nothing but the index is read
+        image, caption, key, where = self.rows.read(row, image=self.with_images and not known_bad,
+                                                     caption=not known_bad)
         try:
-            if row in self.rows.shards.known_bad:
+            if known_bad:
                 raise SampleError(self.rows.shards.known_bad[row], "its image was unreadable when h's cache was built")
             if self.with_images:
                 pixels, text = self.decoder.decode(image, caption)
