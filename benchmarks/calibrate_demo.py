@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table  # noqa: E402
 
 CNN = ["model.image.kind=timm", "model.image.timm_name=resnet10t"]
+TINY_CNN = ["model.image.kind=timm", "model.image.timm_name=test_resnet"]  # timm's 0.4M-parameter ResNet, ~5x cheaper
+CS = ["data.world.colour_words=0.25", "data.world.scene_words=0.5"]
 ROWS = {
     "base": [],
     "steps600": ["train.steps=600"],
@@ -51,6 +53,12 @@ ROWS = {
     "fashion_colour0.25_scene0.5_cnn": ["data.world.sprites=fashion_mnist", "data.world.colour_words=0.25",
                                         "data.world.scene_words=0.5"] + CNN,
     "fashion_cnn": ["data.world.sprites=fashion_mnist"] + CNN,
+    "cs_tiny": CS + TINY_CNN,
+    "cs_cnn_obj1": CS + CNN + ["data.world.max_objects=1"],
+    "cs_tiny_steps900": CS + TINY_CNN + ["train.steps=900"],
+    "cs_tiny_obj1_steps900": CS + TINY_CNN + ["data.world.max_objects=1", "train.steps=900"],
+    "cs_tiny_scale1.3_steps900": CS + TINY_CNN + ["data.world.object_scale=1.3", "train.steps=900"],
+    "cs_vit_obj1": CS + ["data.world.max_objects=1"],
 }
 METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
 

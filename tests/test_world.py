@@ -197,7 +197,8 @@ def test_cache_is_reused_and_rebuilt_when_broken(tmp_path, monkeypatch):
 def test_world_hash_tracks_what_changes_pixels():
     base = WorldConfig()
     assert world_hash(base) == world_hash(replace(base, num_pairs=5, cache_dir="/elsewhere"))
-    for change in ({"seed": 1}, {"image_size": 64}, {"caption_noise": 0.5}, {"colour_words": 0.5}):
+    for change in ({"seed": 1}, {"image_size": 64}, {"caption_noise": 0.5}, {"colour_words": 0.5},
+                   {"max_objects": 2}, {"object_scale": 1.3}):
         assert world_hash(replace(base, **change)) != world_hash(base)
     assert world_hash(base) == "281ad77d5090"  # worlds rendered before colour_words existed keep their caches
 
@@ -213,6 +214,20 @@ def test_colour_words_leave_colour_out_of_captions_but_not_out_of_pictures(world
     half = World(WorldConfig(seed=0, caption_noise=0.0, colour_words=0.5), progress=False).pairs("train", 300)
     named = sum(_mentions(c, all_colours) for c in half.captions)
     assert 100 < named < 290  # some captions name a colour, many do not
+
+
+def test_max_objects_and_object_scale_shape_the_training_pictures(world):
+    plain = world.pairs("train", 200)
+    one = World(WorldConfig(seed=0, max_objects=1), progress=False)
+    pairs = one.pairs("train", 200)
+    assert {len(o) for o in pairs.objects} == {1} and max(len(o) for o in plain.objects) == 3
+    assert {len(r["objects"]) for r in [one.sample("train", i)[1] for i in range(20)]} == {1}
+    retrieval_objects = one.retrieval(20, 2)  # the held-out retrieval pictures follow the same recipe
+    assert retrieval_objects.images.shape[0] == 20
+    big = World(WorldConfig(seed=0, object_scale=1.3), progress=False).pairs("train", 200)
+    boxes = lambda p: np.mean([o["box"] for objs in p.objects for o in objs if len(objs) == 1])  # noqa: E731
+    assert boxes(big) > 1.2 * boxes(plain)
+    assert all(o["box"] <= 48 for objs in big.objects for o in objs)  # capped at the image side
 
 
 def test_show_writes_png(world, tmp_path):

@@ -6,6 +6,7 @@ The public face: everything a user (or the `threetowers` command, or a benchmark
     result = tt.train("3t", ["model.third.source=efficientnet_lite0", "train.steps=300"])
     model = tt.load_model(result.model_dir)
     scores = tt.evaluate(result.model_dir, tasks=["zeroshot_object", "retrieval"])
+    tt.export_open_clip(result.model_dir, "exported")  # open_clip.create_model_and_transforms("local-dir:exported")
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ from .config import Config, ConfigError, load_config, resolve_config
 from .eval.suite import evaluate as evaluate_tasks
 from .eval.tasks import build_tasks, run_tasks
 from .eval.tasks import evaluate_saved as evaluate
+from .interop.open_clip_export import UnsupportedExport, check_parity, export_open_clip
 from .model.factory import create_model, load_model, save_model
 from .model.three_towers import ThreeTowers
 from .third import FrozenImageModel, Preprocessing, ThirdTower, list_sources, load_third_tower, register_source
@@ -23,7 +25,7 @@ from .training.trainer import EvaluationFailed, TrainingStopped, TrainResult
 
 __all__ = [
     "Config", "ConfigError", "EvaluationFailed", "FrozenImageModel", "Preprocessing", "ThirdTower", "ThreeTowers",
-    "TrainResult", "TrainingStopped", "__version__", "build_tasks", "create_model", "evaluate", "evaluate_tasks",
-    "list_sources", "load_config", "load_model", "load_third_tower", "pretrain", "register_source",
+    "TrainResult", "TrainingStopped", "UnsupportedExport", "__version__", "build_tasks", "check_parity",
+    "create_model", "evaluate", "evaluate_tasks", "export_open_clip", "list_sources", "load_config", "load_model", "load_third_tower", "pretrain", "register_source",
     "resolve_config", "run_tasks", "save_model", "train",
 ]

@@ -77,7 +77,8 @@ _RANGES = {
 # Every float field must be a finite number (inf or nan would train nothing, silently).
 _FINITE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
            "loss.init_bias", "model.image.mlp_ratio", "model.text.mlp_ratio", "data.max_bad_fraction",
-           "data.world.caption_noise", "data.world.colour_words", "data.world.scene_words")
+           "data.world.caption_noise", "data.world.colour_words", "data.world.scene_words",
+           "data.world.object_scale")
 PRETRAIN_DATASETS = ("world_object", "world_scene", "fashion_mnist", "folder:PATH")
 
 
@@ -163,6 +164,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for key in ("colour_words", "scene_words"):
         if not 0 <= getattr(cfg.data.world, key) <= 1:
             raise ConfigError(f"data.world.{key}={getattr(cfg.data.world, key)} must be in [0, 1]")
+    if cfg.data.world.max_objects not in (1, 2, 3):
+        raise ConfigError(f"data.world.max_objects={cfg.data.world.max_objects} must be 1, 2 or 3")
+    if not 0.5 <= cfg.data.world.object_scale <= 2:
+        raise ConfigError(f"data.world.object_scale={cfg.data.world.object_scale} must be in [0.5, 2]")
     if cfg.data.source != "world" and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path")
     validate_eval(cfg.eval)

@@ -106,6 +106,8 @@ class WorldConfig:
     sprites: str = "shapes"  # shapes | fashion_mnist | folder:PATH (comma-separated to mix)
     colour_words: float = 1.0  # the chance that a caption names an object's colour (below 1: shapes must be seen)
     scene_words: float = 1.0  # the chance that a caption names the background (else "a background")
+    max_objects: int = 3  # the most objects in a training or retrieval picture (1-3)
+    object_scale: float = 1.0  # multiplies every sprite's box (capped at the image side)
     cache_dir: str = ""  # "" = ~/.cache/threetowers/world
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import (
-    ConfigError, EvaluationFailed, TrainingStopped, __version__, evaluate, list_sources, load_config, pretrain, train,
+    ConfigError, EvaluationFailed, TrainingStopped, __version__, check_parity, evaluate, export_open_clip, list_sources,
+    load_config, pretrain, train,
 )
 from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier, init_distributed, shutdown, world_size_from_env
@@ -38,6 +39,7 @@ examples:
   threetowers pretrain pretrain                   # train a classifier to serve as h
   threetowers train 3t                            # Three Towers with that h
   threetowers eval runs/3t/model                  # zero-shot, retrieval, few-shot, mixing
+  threetowers export runs/3t/model exported       # an open_clip model directory (local-dir:exported)
   threetowers world show world.png                # look at the embedded benchmark
   threetowers train --help                        # options of one subcommand
   torchrun --nproc_per_node=4 -m threetowers train 3t   # 4 processes with DDP
@@ -234,6 +236,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained CLIP or 3T model as an open_clip model directory",
+                       description="Write MODEL_DIR's image and text towers (f and g; h is not needed at inference) "
+                                   "with their projections and tokenizer as a directory open_clip loads with "
+                                   "create_model_and_transforms('local-dir:OUT_DIR'), and so CLIP_benchmark and the "
+                                   "Hugging Face hub loader. Then load it with open_clip (when installed) and compare "
+                                   "its tokens and embeddings with ours.",
+                       epilog="examples:\n  threetowers export runs/3t/model exported/3t\n"
+                              "  python -c \"import open_clip; m, _, pre = open_clip.create_model_and_transforms("
+                              "'local-dir:exported/3t')\"\n"
+                              "  clip_benchmark eval --model local-dir:exported/3t --pretrained '' --model_type open_clip "
+                              "--dataset wds/cifar10 --dataset_root data/wds_cifar10\n\n"
+                              "Refused, with the setting named: LiT models (their image side is h), model.head=mlp, "
+                              "model.image.pool=gap, a non-causal or mean-pooled text tower.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_DIR", help="a run's model/ or a checkpoints/step_N/ directory")
+    p.add_argument("out", metavar="OUT_DIR", help="the open_clip directory to write (new, empty or an earlier export)")
+    p.add_argument("--no-check", action="store_true", help="skip loading the export with open_clip to compare embeddings")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_open_clip(args.model, args.out)
+    print(f"wrote {out} (open_clip: create_model_and_transforms('local-dir:{out}'))")
+    if args.no_check:
+        return 0
+    diff = check_parity(args.model, out)
+    print(f"open_clip tokenizes alike; max |embedding difference| in fp32: image {diff['image']:.1e}, "
+          f"text {diff['text']:.1e}")
+    if max(diff.values()) > 1e-5:
+        raise ValueError(f"the export's embeddings differ from {args.model}'s by more than 1e-5; please report this")
+    return 0
+
+
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: CLIP vs LiT vs 3T on the embedded world, with a report",
                        description="Render the world, pretrain object- and scene-aligned third towers (and load "
@@ -281,7 +317,7 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
 # Subcommands in the order `--help` lists them; a new one is an `add_<name>` function added here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_demo, add_train, add_pretrain, add_eval, add_cache, add_world, add_sources]
+    add_demo, add_train, add_pretrain, add_eval, add_export, add_cache, add_world, add_sources]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"threetowers: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, TrainingStopped, EvaluationFailed, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingStopped, EvaluationFailed, CheckpointError) as err:
         if debug:
             raise
         print(f"threetowers: error: {err}", file=sys.stderr)

@@ -65,8 +65,9 @@ def run_benchmark(model: Any, tokenizer: Callable, name: str, root: str | Path, 
     `cifar10`, ...), as {benchmark/<name>/<precision>/<metric>: value}."""
     builder, classification, retrieval = _clip_benchmark()
     check_dataset_root(name, root, split)
-    transform = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                            v2.ToDtype(torch.float32, scale=True)])
+    # On the PIL image, as open_clip's transform does (so an exported model scores the same there).
+    transform = v2.Compose([v2.Resize(image_size, v2.InterpolationMode.BILINEAR, antialias=True),
+                            v2.CenterCrop(image_size), v2.ToImage(), v2.RGB(), v2.ToDtype(torch.float32, scale=True)])
     dataset = builder.build_dataset(name, root=str(root), transform=transform, split=split, download=False)
     task = builder.get_dataset_default_task(name) if not name.startswith("wds/") else (
         "zeroshot_retrieval" if dataset.classes is None else "zeroshot_classification")

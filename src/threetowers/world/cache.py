@@ -32,8 +32,9 @@ def sources_hash(cfg: WorldConfig, sources: list[Source]) -> str:
     """`world_hash` for sources already built (building a folder source lists its files)."""
     ident = {"v": RENDER_VERSION, "seed": cfg.seed, "size": cfg.image_size, "noise": cfg.caption_noise,
              "sprites": [s.identity() for s in sources]}
-    for field in ("colour_words", "scene_words"):  # added later: counted only when set, so older worlds keep their hash
-        if getattr(cfg, field) != 1.0:
+    # added later: counted only when set, so older worlds keep their hash
+    for field, default in (("colour_words", 1.0), ("scene_words", 1.0), ("max_objects", 3), ("object_scale", 1.0)):
+        if getattr(cfg, field) != default:
             ident[field] = getattr(cfg, field)
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 

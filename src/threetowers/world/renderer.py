@@ -42,9 +42,10 @@ def below(rng: np.random.Generator, k: int) -> int:
 class Renderer:
     """Pictures of one world: its image size, sprite sources and object classes."""
 
-    def __init__(self, size: int, sources: list[Source], classes: list[str], members: list[list[tuple[int, int]]]
-                 ) -> None:
+    def __init__(self, size: int, sources: list[Source], classes: list[str], members: list[list[tuple[int, int]]],
+                 object_scale: float = 1.0) -> None:
         self.size = size
+        self.object_scale = object_scale
         self.sources = sources
         self.classes = classes
         self.members = members  # class -> [(source, class within source)], see sprites.union_classes
@@ -62,7 +63,7 @@ class Renderer:
         size = self.size
         scene = index % len(SCENES) if recipe.label == "scene" else below(rng, len(SCENES))
         n = recipe.objects[0] + below(rng, recipe.objects[1] - recipe.objects[0] + 1)
-        lo, hi = _BOX.get(n, _BOX[3])
+        lo, hi = (min(1.0, f * self.object_scale) for f in _BOX.get(n, _BOX[3]))
         objs, sprites = [], []
         for _ in range(n):
             k = len(self.classes)

@@ -22,7 +22,11 @@ OBJECT_TEMPLATES = ["a picture of the {}.", "the {} on a background.", "one {} i
 SCENE_TEMPLATES = ["a picture with a {} background.", "something on a {} background.", "a {} background.",
                    "objects in front of a {} pattern.", "a {} backdrop."]
 
-PAIRS = Recipe((1, 3), noisy=True)
+def pairs_recipe(max_objects: int = 3) -> Recipe:
+    """Training pairs (and retrieval pictures): 1 to `max_objects` objects, noisy captions."""
+    return Recipe((1, max_objects), noisy=True)
+
+
 _RECIPES = {  # sets labelled by object or scene class: pretraining (labelled), zero-shot, few-shot
     ("labelled", "object"): Recipe((1, 1), "object", contrast=(0.15, 0.45), captions=0),
     ("labelled", "scene"): Recipe((0, 2), "scene", captions=0),
@@ -62,8 +66,9 @@ class Sets:
     """The sets of one world, rendered by `render`; see the `World` methods of the same names."""
 
     def __init__(self, render: Render, world_hash: str, num_pairs: int, object_classes: list[str],
-                 scene_classes: list[str]) -> None:
+                 scene_classes: list[str], max_objects: int = 3) -> None:
         self._render = render
+        self.pairs_recipe = pairs_recipe(max_objects)
         self.hash = world_hash
         self.num_pairs = num_pairs
         self.object_classes = object_classes
@@ -71,7 +76,7 @@ class Sets:
 
     def pairs(self, split: str, n: int | None) -> Pairs:
         n = (self.num_pairs if split == "train" else max(1, self.num_pairs // 10)) if n is None else n
-        images, records = self._render(f"pairs/{split}", PAIRS, n)
+        images, records = self._render(f"pairs/{split}", self.pairs_recipe, n)
         return Pairs(
             images=images,
             captions=[r["captions"][0] for r in records],
@@ -99,7 +104,7 @@ class Sets:
         return self._labelled(f"fewshot/{kind}/test", _RECIPES["eval", kind], n, kind)
 
     def retrieval(self, n_images: int, captions_per_image: int) -> CaptionedSet:
-        recipe = Recipe(PAIRS.objects, captions=captions_per_image)
+        recipe = Recipe(self.pairs_recipe.objects, captions=captions_per_image)
         images, records = self._render("retrieval", recipe, n_images, f"-c{captions_per_image}")
         captions = [c for r in records for c in r["captions"]]
         owner = np.repeat(np.arange(n_images), [len(r["captions"]) for r in records]).astype(np.int64)

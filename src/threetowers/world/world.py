@@ -35,7 +35,7 @@ from .captions import SCENE_WORDS, Captioner, relation
 from .grid import write_grid
 from .renderer import COLOURS, Recipe, Renderer
 from .sprites import make_sources, union_classes
-from .tasks import PAIRS, Pairs, Sets, check_kind
+from .tasks import Pairs, Sets, check_kind
 
 
 class World:
@@ -52,11 +52,12 @@ class World:
         self.object_classes, members, self.synonyms = union_classes(self.sources)
         self.scene_classes = list(SCENES)
         self.colours = list(COLOURS)
-        self._renderer = Renderer(cfg.image_size, self.sources, self.object_classes, members)
+        self._renderer = Renderer(cfg.image_size, self.sources, self.object_classes, members, cfg.object_scale)
         self._captioner = Captioner(cfg.image_size, self.object_classes, self.synonyms, cfg.caption_noise,
                                     cfg.colour_words, cfg.scene_words)
         self._cache = SetCache(cfg, self.hash, cache_min, progress)
-        self._sets = Sets(self._render, self.hash, cfg.num_pairs, self.object_classes, self.scene_classes)
+        self._sets = Sets(self._render, self.hash, cfg.num_pairs, self.object_classes, self.scene_classes,
+                          cfg.max_objects)
 
     # ------------------------------------------------------------------ words (for tests and eval)
 
@@ -74,7 +75,7 @@ class World:
 
     def sample(self, split: str, index: int) -> tuple[np.ndarray, dict]:
         """Training pair `index` of `split` alone: (uint8 [S, S, 3], record with captions/objects/scene/noise)."""
-        return self._sample(f"pairs/{split}", PAIRS, index)
+        return self._sample(f"pairs/{split}", self._sets.pairs_recipe, index)
 
     def _sample(self, stream: str, recipe: Recipe, index: int) -> tuple[np.ndarray, dict]:
         # One generator per sample, consumed in a fixed order: layout, then pixels, then captions.
