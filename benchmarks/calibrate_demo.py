@@ -59,6 +59,16 @@ ROWS = {
     "cs_tiny_obj1_steps900": CS + TINY_CNN + ["data.world.max_objects=1", "train.steps=900"],
     "cs_tiny_scale1.3_steps900": CS + TINY_CNN + ["data.world.object_scale=1.3", "train.steps=900"],
     "cs_vit_obj1": CS + ["data.world.max_objects=1"],
+    "cs_tiny_steps900_lr2e-3": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.002"],
+    "cs_tiny_steps900_lr4e-3": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.004"],
+    "cs_tiny_steps1200": CS + TINY_CNN + ["train.steps=1200"],
+    "cs_tiny_batch256_steps600": CS + TINY_CNN + ["train.batch_size=256", "train.steps=600"],
+    "cs_tiny_steps600_lr4e-3": CS + TINY_CNN + ["train.steps=600", "optim.lr=0.004"],
+    "cs_tiny_steps900_lr6e-3": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.006"],
+    "c0.25_s0.25_tiny_steps900_lr4e-3": ["data.world.colour_words=0.25", "data.world.scene_words=0.25",
+                                         "train.steps=900", "optim.lr=0.004"] + TINY_CNN,
+    "colour0_scene0.5_tiny_steps900": ["data.world.colour_words=0", "data.world.scene_words=0.5", "train.steps=900"]
+                                      + TINY_CNN,
 }
 METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
 

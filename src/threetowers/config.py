@@ -34,7 +34,8 @@ _CHOICES = {
     "model.head": ("linear", "mlp"),
     "model.image.kind": ("vit", "timm"),
     "model.image.pool": ("cls", "gap"),
-    "model.text.pool": ("eot", "mean"),
+    "model.text.kind": ("transformer", "hf"),
+    "model.text.pool": ("eot", "mean", "cls"),
     "model.image.init": ("clip", "torch"),
     "model.text.init": ("clip", "torch"),
     "model.third.heads": ("none", "shared", "per_term"),
@@ -132,7 +133,23 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise ConfigError(f"model.image.width={m.image.width} must be divisible by model.image.heads={m.image.heads}")
     if m.image.kind == "timm" and not m.image.timm_name:
         raise ConfigError("model.image.kind=timm needs model.image.timm_name (a timm model name)")
-    if m.text.width % m.text.heads:
+    if m.text.kind == "hf":
+        if not m.text.name:
+            raise ConfigError("model.text.kind=hf needs model.text.name: a local Hugging Face model folder "
+                              "(config.json, model weights, tokenizer.json)")
+        missing = [f for f in ("config.json", "tokenizer.json") if not (Path(m.text.name) / f).is_file()]
+        if missing:
+            raise ConfigError(f"model.text.name={m.text.name} is not a Hugging Face model folder ({', '.join(missing)} "
+                              "missing); give the folder of a saved encoder, e.g. from save_pretrained")
+        if m.text.pool == "eot":
+            raise ConfigError("model.text.kind=hf needs model.text.pool=mean (sentence-transformers encoders such as "
+                              "all-MiniLM-L6-v2) or cls (BERT's [CLS] token)")
+        if cfg.data.tokenizer:
+            raise ConfigError("model.text.kind=hf uses the encoder's own tokenizer; leave data.tokenizer empty")
+    elif m.text.pool == "cls" or m.text.lock:
+        raise ConfigError(f"model.text.{'pool=cls' if m.text.pool == 'cls' else 'lock=true'} is for a pretrained "
+                          "encoder (model.text.kind=hf); our transformer pools eot or mean and always trains")
+    elif m.text.width % m.text.heads:
         raise ConfigError(f"model.text.width={m.text.width} must be divisible by model.text.heads={m.text.heads}")
     if m.method == "clip":
         if m.third.source != "none" or m.third.heads != "none":

@@ -46,8 +46,11 @@ class ImageTowerConfig:
 
 @dataclass
 class TextTowerConfig:
-    """The trained text tower g: a transformer over BPE tokens."""
+    """The trained text tower g: our transformer over BPE tokens, or a local Hugging Face encoder."""
 
+    kind: str = "transformer"  # transformer | hf (a pretrained encoder in `name`, with its own tokenizer)
+    name: str = ""  # kind=hf: a local Hugging Face model folder (config.json, weights, tokenizer.json)
+    lock: bool = False  # kind=hf: keep the encoder's weights frozen (only the heads on it train)
     vocab_size: int = 4096  # must match the tokenizer; `train` sets it from the tokenizer
     context_length: int = 32
     width: int = 256
@@ -55,7 +58,7 @@ class TextTowerConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     causal: bool = True
-    pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens)
+    pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens) | cls (the first token; kind=hf)
     init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
 
 

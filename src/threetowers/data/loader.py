@@ -32,7 +32,7 @@ from .indexed import ShardTrainData, prepare_shards, shard_urls
 from .order import check_rows, global_indices
 from .samples import collate
 from .shards import ShardPairs, stream_captions
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 class ArrayTrainData:
@@ -94,6 +94,12 @@ def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: st
     with the same vocabulary size: a new run on other data in the same output directory trains its own.
     """
     context = cfg.model.text.context_length
+    if cfg.model.text.kind == "hf":  # a pretrained encoder reads its own tokenizer (saved with the run)
+        tokenizer = load_tokenizer(Path(cfg.model.text.name) / "tokenizer.json", cfg.model.text)
+        if output_dir:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            tokenizer.save(Path(output_dir) / "tokenizer.json")
+        return tokenizer
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer, context)
     saved = Path(output_dir) / "tokenizer.json" if output_dir else None

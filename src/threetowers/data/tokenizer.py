@@ -10,7 +10,9 @@ and a small vocabulary goes further without it. Its special tokens are `<pad>` (
 `<eot>` (id 1).
 
 Any other `tokenizer.json` works too (`from_file`). Its own post-processing (BOS/CLS, padding,
-truncation) is ignored; we append the eot and pad ourselves. If its id 0 is not a pad token,
+truncation) is ignored; we append the eot and pad ourselves. A pretrained text encoder's tokenizer
+(`own_specials=True`, for `model.text.kind=hf`) keeps its post-processing instead (BERT's
+`[CLS] ... [SEP]`, whose `[SEP]` is then the eot) and must pad with id 0. If its id 0 is not a pad token,
 every id is shifted up by one so that 0 stays free for padding (`vocab_size` includes the shift).
 If it has no end-of-text token, `<eot>` is added to it (and saved with it).
 """
@@ -35,16 +37,23 @@ EOT_NAMES = (EOT, "<|endoftext|>", "</s>", "[SEP]", "<|eot_id|>")
 class Tokenizer:
     """Texts -> `LongTensor [B, context_length]` (pad 0, eot last); counts truncations."""
 
-    def __init__(self, hf: HFTokenizer, context_length: int) -> None:
+    def __init__(self, hf: HFTokenizer, context_length: int, own_specials: bool = False) -> None:
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must be >= 2 (at least one token plus the eot)")
         hf.no_padding()
         hf.no_truncation()
+        self.own_specials = own_specials
+        if own_specials:
+            if hf.id_to_token(0) not in PAD_NAMES:
+                raise ValueError(f"this tokenizer's id 0 is {hf.id_to_token(0)!r}, not a padding token; a pretrained "
+                                 "text encoder needs padding at id 0 (BERT-style vocabularies have [PAD] there)")
+            # Its post-processor adds its special tokens; truncation leaves room for them.
+            hf.enable_truncation(context_length)
         # A caption that literally contains "<eot>" or "<pad>" must not produce the special ids.
         hf.encode_special_tokens = True
         self.hf = hf
         self.context_length = context_length
-        self.offset = 0 if hf.id_to_token(0) in PAD_NAMES else 1
+        self.offset = 0 if own_specials or hf.id_to_token(0) in PAD_NAMES else 1
         eot = next((name for name in EOT_NAMES if hf.token_to_id(name) is not None), None)
         if eot is None:
             hf.add_special_tokens([EOT])
@@ -79,7 +88,7 @@ class Tokenizer:
         return cls(hf, context_length)
 
     @classmethod
-    def from_file(cls, path: str | Path, context_length: int) -> Tokenizer:
+    def from_file(cls, path: str | Path, context_length: int, own_specials: bool = False) -> Tokenizer:
         """Load any Hugging Face `tokenizer.json` (see the module docstring for pad/eot handling)."""
         path = Path(path)
         if not path.is_file():
@@ -88,7 +97,7 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception for malformed files
             raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {err}") from err
-        return cls(hf, context_length)
+        return cls(hf, context_length, own_specials)
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically (temp file in the same folder, then rename)."""
@@ -104,6 +113,8 @@ class Tokenizer:
     def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
+        if self.own_specials:
+            return self._encode_own(texts)
         room = self.context_length - 1  # the last slot is reserved for the eot
         rows = []
         for enc in self.hf.encode_batch(list(texts), add_special_tokens=False):
@@ -114,6 +125,14 @@ class Tokenizer:
             if self.offset:
                 ids = [i + self.offset for i in ids]
             rows.append(ids + [self.eot_id] + [self.pad_id] * (room - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
+
+    def _encode_own(self, texts: Sequence[str]) -> torch.Tensor:
+        """With the tokenizer's own special tokens (truncated to the context by the tokenizer itself)."""
+        rows = []
+        for enc in self.hf.encode_batch(list(texts), add_special_tokens=True):
+            self.truncated += bool(enc.overflowing)
+            rows.append(enc.ids + [self.pad_id] * (self.context_length - len(enc.ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -133,11 +152,16 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         # The flag is not part of the Rust tokenizer's serialised state (pickle, tokenizer.json).
-        self.__dict__.update(state)
+        self.__dict__.update({"own_specials": False, **state})
         self.hf.encode_special_tokens = True
 
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, "
-            f"eot={self.eot_token!r}, offset={self.offset})"
+            f"eot={self.eot_token!r}, offset={self.offset}, own_specials={self.own_specials})"
         )
+
+
+def load_tokenizer(path: str | Path, text_cfg) -> Tokenizer:
+    """The tokenizer.json at `path` as the text tower `text_cfg` (a TextTowerConfig) reads it."""
+    return Tokenizer.from_file(path, text_cfg.context_length, own_specials=text_cfg.kind == "hf")

@@ -18,7 +18,7 @@ from ..config import WORLD_TASKS, Config, fill_added_fields, load_config, overri
 from ..core.sets import CaptionedSet, LabelledSet
 from ..data.folders import class_folder
 from ..data.csv_pairs import load_csv_arrays
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import load_tokenizer
 from ..model.factory import load_model, read_model_meta
 from ..third.store import EvalFeatures
 from ..world import World
@@ -151,4 +151,4 @@ def load_saved(model_dir: str | Path, overrides: list[str] | None = None, mixing
     # h is needed for LiT (it is the image side) and for the 3T mixing sweep.
     with_third = cfg.model.method == "lit" or (mixing and cfg.model.method == "3t" and bool(cfg.eval.mixing_alphas))
     model = load_model(directory, with_third=with_third)
-    return cfg, model, Tokenizer.from_file(tokenizer_path, cfg.model.text.context_length)
+    return cfg, model, load_tokenizer(tokenizer_path, cfg.model.text)

