@@ -67,6 +67,16 @@ ROWS = {
     "cs_tiny_steps900_lr6e-3": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.006"],
     "c0.25_s0.25_tiny_steps900_lr4e-3": ["data.world.colour_words=0.25", "data.world.scene_words=0.25",
                                          "train.steps=900", "optim.lr=0.004"] + TINY_CNN,
+    "c0.25_s0.35_tiny_steps900_lr4e-3": ["data.world.colour_words=0.25", "data.world.scene_words=0.35",
+                                         "train.steps=900", "optim.lr=0.004"] + TINY_CNN,
+    "c0.25_s0.35_tiny_steps900_lr2e-3": ["data.world.colour_words=0.25", "data.world.scene_words=0.35",
+                                         "train.steps=900", "optim.lr=0.002"] + TINY_CNN,
+    "cs_tiny_steps900_lr2e-3_pairs24k": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.002",
+                                                          "data.world.num_pairs=24000"],
+    "cs_tiny_steps900_lr2e-3_pairs48k": CS + TINY_CNN + ["train.steps=900", "optim.lr=0.002",
+                                                          "data.world.num_pairs=48000"],
+    "c0.25_s0.4_tiny_steps900_lr3e-3": ["data.world.colour_words=0.25", "data.world.scene_words=0.4",
+                                        "train.steps=900", "optim.lr=0.003"] + TINY_CNN,
     "colour0_scene0.5_tiny_steps900": ["data.world.colour_words=0", "data.world.scene_words=0.5", "train.steps=900"]
                                       + TINY_CNN,
 }
