@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate_demo.py --out docs/results/calibration.json        # ~15 min on 2 cores
     python benchmarks/calibrate_demo.py --rows base cnn --seeds 0 1
+    python benchmarks/calibrate_demo.py --preset demo/base --rows base --seeds 0 1 2   # the chosen preset
 
 Only CLIP is trained here: the demo's world, towers and budget are chosen from what a tower trained
 from scratch learns (zero-shot object and scene top-1 against chance, retrieval), never from how 3T
@@ -16,16 +17,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from threetowers import build_tasks, load_config, run_tasks, train  # noqa: E402
-from threetowers.core.atomic import write_json_atomic  # noqa: E402
+from threetowers import load_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table  # noqa: E402
+from common import print_table, save_report, train_and_score  # noqa: E402
 
 CNN = ["model.image.kind=timm", "model.image.timm_name=resnet10t"]
 TINY_CNN = ["model.image.kind=timm", "model.image.timm_name=test_resnet"]  # timm's 0.4M-parameter ResNet, ~5x cheaper
@@ -80,36 +79,23 @@ ROWS = {
     "colour0_scene0.5_tiny_steps900": ["data.world.colour_words=0", "data.world.scene_words=0.5", "train.steps=900"]
                                       + TINY_CNN,
 }
-METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--preset", default="demo/base")
+    p.add_argument("--preset", default=str(Path(__file__).with_name("calibration_base.yaml")),
+                   help="the base every row overrides (default: the demo's base as it was during the sweep)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     report = {"preset": args.preset, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="calibrate_") as tmp:
         for name in args.rows:
-            runs = []
-            for seed in args.seeds:
-                cfg = load_config(args.preset, [*ROWS[name], "model.method=clip", f"train.seed={seed}",
-                                                f"train.output_dir={tmp}/{name}-{seed}"])
-                t0 = time.perf_counter()
-                result = train(cfg)
-                seconds = time.perf_counter() - t0
-                tasks = build_tasks(cfg, ["zeroshot_object", "zeroshot_scene", "retrieval"])
-                scores = run_tasks(result.model, result.tokenizer, tasks, cfg.eval.batch_size)
-                chance = {"zeroshot_object/top1": 1 / len(tasks["zeroshot_object"].class_names),
-                          "zeroshot_scene/top1": 1 / len(tasks["zeroshot_scene"].class_names)}
-                runs.append({"seed": seed, "seconds": seconds, **{m: scores[m] for m in METRICS},
-                             **{f"{m}/x_chance": scores[m] / c for m, c in chance.items()}})
-                print(f"[{name} seed {seed}] {seconds:.0f}s " + ", ".join(f"{m}={100 * scores[m]:.1f}" for m in METRICS),
-                      flush=True)
+            runs = [train_and_score(load_config(args.preset, [*ROWS[name], "model.method=clip", f"train.seed={seed}",
+                                                              f"train.output_dir={tmp}/{name}-{seed}"]), name)
+                    for seed in args.seeds]
             report["rows"][name] = {"overrides": ROWS[name], "runs": runs}
-    report["machine"] = machine(__import__("torch").device("cpu"))
     rows = []
     for name, row in report["rows"].items():
         def mean(key: str) -> float:
@@ -120,9 +106,7 @@ def main() -> None:
                      f"{mean('seconds'):.0f}"])
     print_table(["row", "ZS object top-1 (x chance)", "ZS scene top-1 (x chance)", "I→T R@1", "T→I R@1", "s/run"],
                 rows, f"CLIP on {args.preset}, seeds {args.seeds}")
-    if args.out:
-        write_json_atomic(args.out, report)
-        print(f"wrote {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

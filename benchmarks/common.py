@@ -222,3 +222,33 @@ def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print(line)
+
+
+WORLD_METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
+
+
+def train_and_score(cfg, label: str) -> dict:
+    """Train `cfg`, score the model on the world's zero-shot sets and retrieval, print one line:
+    {"seed", "seconds" (the whole train call), metric: value, ...}."""
+    from threetowers import build_tasks, run_tasks, train
+
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    tasks = build_tasks(cfg, ["zeroshot_object", "zeroshot_scene", "retrieval"])
+    scores = run_tasks(result.model, result.tokenizer, tasks, cfg.eval.batch_size)
+    chance = {m: 1 / len(tasks[m.split("/")[0]].class_names) for m in WORLD_METRICS[:2]}
+    print(f"[{label} seed {cfg.train.seed}] {seconds:.0f}s " +
+          ", ".join(f"{m}={100 * scores[m]:.1f}" for m in WORLD_METRICS), flush=True)
+    return {"seed": cfg.train.seed, "seconds": seconds, **{m: scores[m] for m in WORLD_METRICS},
+            **{f"{m}/x_chance": scores[m] / c for m, c in chance.items()}}
+
+
+def save_report(report: dict, out) -> None:
+    """Add the machine and write the report as JSON (atomically) when `out` is given."""
+    from threetowers.core.atomic import write_json_atomic
+
+    report["machine"] = machine(torch.device("cpu"))
+    if out:
+        write_json_atomic(out, report)
+        print(f"wrote {out}")

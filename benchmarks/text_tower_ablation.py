@@ -17,18 +17,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from threetowers import build_tasks, load_config, run_tasks, train  # noqa: E402
-from threetowers.core.atomic import write_json_atomic  # noqa: E402
+from threetowers import load_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table  # noqa: E402
+from common import WORLD_METRICS, print_table, save_report, train_and_score  # noqa: E402
 
-METRICS = ("zeroshot_object/top1", "zeroshot_scene/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@1")
 
 
 def arms(minilm: str) -> dict[str, list[str]]:
@@ -52,32 +49,20 @@ def main() -> None:
     report = {"method": args.method, "overrides": args.set, "arms": {}}
     with tempfile.TemporaryDirectory(prefix="text_towers_") as tmp:
         for name in args.arms:
-            runs = []
-            for seed in args.seeds:
-                cfg = load_config("demo/base", [f"model.method={args.method}", *third, *table[name], *args.set,
-                                                f"train.seed={seed}", f"train.output_dir={tmp}/{name}-{seed}"])
-                t0 = time.perf_counter()
-                result = train(cfg)
-                seconds = time.perf_counter() - t0
-                tasks = build_tasks(cfg, ["zeroshot_object", "zeroshot_scene", "retrieval"])
-                scores = run_tasks(result.model, result.tokenizer, tasks, cfg.eval.batch_size)
-                runs.append({"seed": seed, "seconds": seconds, **{m: scores[m] for m in METRICS}})
-                print(f"[{name} seed {seed}] {seconds:.0f}s " + ", ".join(f"{m}={100 * scores[m]:.1f}" for m in METRICS),
-                      flush=True)
+            runs = [train_and_score(load_config("demo/base", [
+                f"model.method={args.method}", *third, *table[name], *args.set, f"train.seed={seed}",
+                f"train.output_dir={tmp}/{name}-{seed}"]), name) for seed in args.seeds]
             report["arms"][name] = {"overrides": table[name], "runs": runs}
-    report["machine"] = machine(__import__("torch").device("cpu"))
     rows = []
     for name, arm in report["arms"].items():
         def cell(key: str) -> str:
             values = [100 * r[key] for r in arm["runs"]]
             spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
             return f"{statistics.mean(values):.1f}{spread}"
-        rows.append([name, *(cell(m) for m in METRICS), f"{statistics.mean(r['seconds'] for r in arm['runs']):.0f}"])
+        rows.append([name, *(cell(m) for m in WORLD_METRICS), f"{statistics.mean(r['seconds'] for r in arm['runs']):.0f}"])
     print_table(["text tower", "ZS object top-1", "ZS scene top-1", "I→T R@1", "T→I R@1", "s/run"], rows,
                 f"{args.method} on demo/base {' '.join(args.set)}, seeds {args.seeds}")
-    if args.out:
-        write_json_atomic(args.out, report)
-        print(f"wrote {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

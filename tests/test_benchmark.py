@@ -1,14 +1,11 @@
 """Standard benchmarks through CLIP_benchmark: a tiny dataset in its webdataset layout, scored by the
 library's dataset builder, classifier and logits, equal to our own suite on the same images."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("clip_benchmark")
 
@@ -17,7 +14,7 @@ from threetowers import create_model, save_model  # noqa: E402
 from threetowers.apps.cli import main  # noqa: E402
 from threetowers.core.sets import LabelledSet  # noqa: E402
 from threetowers.data.tokenizer import Tokenizer  # noqa: E402
-from threetowers.eval.benchmark import run_benchmark  # noqa: E402
+from threetowers.eval.benchmark import run_benchmark, write_wds_classification  # noqa: E402
 from threetowers.eval.suite import evaluate  # noqa: E402
 
 CLASSES = ["red square", "green_circle", "blue star"]
@@ -25,22 +22,13 @@ TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]
 
 
 def wds_dataset(root, n=24, size=16):
-    """CLIP_benchmark's layout: test/nshards.txt, test/0.tar (KEY.png + KEY.cls), classnames, templates."""
+    """CLIP_benchmark's layout (test/nshards.txt, test/0.tar with KEY.png + KEY.cls, classnames.txt,
+    zeroshot_classification_templates.txt), written by our `write_wds_classification`."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = np.arange(n) % len(CLASSES)
-    (root / "test").mkdir(parents=True)
-    with tarfile.open(root / "test" / "0.tar", "w") as tar:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray(images[i]).save(buf, "PNG")
-            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(labels[i]).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (root / "test" / "nshards.txt").write_text("1\n")
-    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    write_wds_classification(root, LabelledSet(images, labels, CLASSES, [t.replace("{c}", "{}") for t in TEMPLATES]))
+    assert (root / "zeroshot_classification_templates.txt").read_text().splitlines() == TEMPLATES
     return images, labels
 
 

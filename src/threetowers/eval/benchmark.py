@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from ..core.sets import LabelledSet
 from .zeroshot import zeroshot_accuracy
 
 
@@ -84,3 +87,19 @@ def run_benchmark(model: Any, tokenizer: Callable, name: str, root: str | Path, 
         scores = zeroshot_accuracy(logits.float() / 100.0, torch.eye(len(classes)), target.numpy(), ks=(1, 5))
     precision = "bf16" if amp else "fp32"
     return {f"benchmark/{name}/{precision}/{k}": float(v) for k, v in scores.items()}
+
+
+def write_wds_classification(root: str | Path, data: LabelledSet, split: str = "test") -> Path:
+    """A labelled set in CLIP_benchmark's webdataset layout (one shard of PNG + .cls members,
+    `classnames.txt`, `zeroshot_classification_templates.txt` with `{c}`), e.g. to score an exported
+    model with CLIP_benchmark's own command line on the same images as `threetowers eval --benchmark`."""
+    root = Path(root)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(root / split / "0.tar")) as sink:
+        for i, (image, label) in enumerate(zip(data.images, data.labels)):
+            sink.write({"__key__": f"{i:07d}", "png": Image.fromarray(image), "cls": int(label)})
+    (root / split / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
+    templates = [t.replace("{}", "{c}") for t in data.templates]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root
