@@ -167,7 +167,7 @@ def _save_state(model: nn.Module, directory: Path) -> None:
 
 
 def train_open_clip(cfg, options: dict[str, str]) -> nn.Module:
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
         with runtime(cfg, info):
             data = build_train_data(cfg, info.rank, info.world_size)

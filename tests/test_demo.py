@@ -2,7 +2,10 @@
 
 import json
 
-from threetowers.apps.demo import load_demo_config, run_config, run_demo
+import pytest
+
+from threetowers.apps.cli import main
+from threetowers.apps.demo import claim_output_dir, load_demo_config, run_config, run_demo
 
 TINY_RUN = [
     "model.embed_dim=16", "model.image.image_size=24", "model.image.patch_size=8", "model.image.width=32",
@@ -36,14 +39,37 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "The paper's claims" in md and "3T (object)" in md and "| C1 3T > LiT, retrieval |" in md
     assert "2 seed(s): there is no spread" in md and "**held**" not in md  # two seeds judge nothing
+    # the ablations rerun this preset with the seeds to judge by, 3x its steps (6 here), each in its own folder
+    assert "`threetowers demo --quick seeds=[0,1,2] thirds=[" in md
+    assert "output_dir=demo-steps18 --run train.steps=18`" in md
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["heldout_top1"]) == {"object", "scene"} and "Held-out top-1 of the pretrained h" in md
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000
     assert set(result["timings"]) == {"render", "pretrain", "cache", "train", "eval"}
 
 
-def test_run_overrides_are_appended_and_checked_before_any_work():
-    import pytest
+def test_a_demo_never_takes_over_another_demos_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    first = load_demo_config("demo/quick", [f"output_dir={out}"])
+    claim_output_dir(first)
+    claim_output_dir(load_demo_config("demo/quick", [f"output_dir={out}"]))  # the same demo again: goes on
+    assert json.loads((out / "demo.json").read_text())["preset"] == "demo/quick"
+    # the case: an ablation in the folder of an earlier demo would resume its runs and overwrite its report
+    argv = ["demo", "--quick", f"output_dir={out}", "thirds=[scene]", "methods=[lit]", "--run", "train.steps=150"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "thirds ['object', 'scene', 'imagenet'] -> ['scene']" in err
+    assert f"output_dir={out}-2" in err and sorted(p.name for p in out.iterdir()) == ["demo.json"]  # refused before any work
+    with pytest.raises(FileExistsError, match="preset 'demo/quick' -> 'demo/full'"):
+        claim_output_dir(load_demo_config("demo/full", [f"output_dir={out}"]))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="no demo record"):
+        claim_output_dir(load_demo_config("demo/quick", [f"output_dir={tmp_path / 'mine'}"]))
 
+
+def test_run_overrides_are_appended_and_checked_before_any_work():
     from threetowers.config import ConfigError
 
     demo = load_demo_config("demo/quick", ["seeds=[3]"], run_overrides=["loss.weights=[0.5,0.25,0.25]"])
@@ -74,5 +100,9 @@ def test_failed_claims_get_hypotheses_with_their_ablation_commands():
     plan = "\n".join(ablation_plan([held, failed]))
     assert "1 of 2 checks (C1 h=imagenet: not shown)" in plan and "thirds=[imagenet]" in plan
     assert "thirds=[imagenet,object]" not in plan and "seeds=[0]" not in plan  # ablations that decide need seeds
-    for _, _, run in HYPOTHESES:
-        assert run in plan
+    for _, _, _, run in HYPOTHESES:
+        assert run.format(longer=2700) in plan  # longer: 3x the preset's 900 steps, never a no-op
+    assert "`threetowers demo thirds=[imagenet] methods=[lit,3t] output_dir=demo-out-steps2700 --run train.steps=2700`" in plan
+    quick = "\n".join(ablation_plan([failed], "threetowers demo --quick", 100, "demo-quick", seeds=1))
+    assert "`threetowers demo --quick seeds=[0,1,2] thirds=[imagenet] methods=[3t] output_dir=demo-quick-per_term " in quick
+    assert "--run train.steps=300`" in quick

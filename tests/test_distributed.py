@@ -20,15 +20,17 @@ from threetowers.training.trainer import forward_backward
 from train_helpers import FAST
 
 HELPER = Path(__file__).with_name("train_helpers.py")
-CASES = [("3t", "softmax", 1), ("3t", "sigmoid", 1), ("clip", "softmax", 2)]  # (method, loss, grad_accum)
+# (method, loss, grad_accum, model.third.heads); with heads=none third_f and third_g are one tensor, gathered once.
+CASES = [("3t", "softmax", 1, "per_term"), ("3t", "sigmoid", 1, "per_term"), ("clip", "softmax", 2, "none"),
+         ("3t", "softmax", 1, "none")]
 N = 8  # global batch
 
 
-def setup(method: str, kind: str):
+def setup(method: str, kind: str, heads: str):
     """The same model and global batch in every process."""
     torch.manual_seed(0)
-    extra = ["model.third.heads=per_term"] if method == "3t" else []
-    model = create_model(tiny_config(method, f"loss.kind={kind}", *extra), third=fake_third() if method != "clip" else None)
+    cfg = tiny_config(method, f"loss.kind={kind}", f"model.third.heads={heads}")
+    model = create_model(cfg, third=fake_third() if method != "clip" else None)
     g = torch.Generator().manual_seed(1)
     batch = {"image": torch.rand(N, 3, 16, 16, generator=g), "tokens": torch.randint(2, 64, (N, 12), generator=g)}
     batch["tokens"][:, -1] = 1
@@ -37,6 +39,7 @@ def setup(method: str, kind: str):
 
 def loss_and_grads(model, batch, grad_accum, info=None):
     info = info or DistInfo(0, 1, 0, torch.device("cpu"), owns_group=False)
+    model.loss.distribute(info.rank, info.world_size)  # as the training job does: gather over the ranks
     stats = forward_backward(wrap_model(model, info), batch, grad_accum, torch.device("cpu"), "fp32")
     loss = all_mean(stats["loss"].reshape(1), info)
     return loss, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -48,8 +51,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         info = DistInfo(rank, world, 0, torch.device("cpu"), owns_group=False)
         results = []
-        for method, kind, accum in CASES:
-            model, batch = setup(method, kind)
+        for method, kind, accum, heads in CASES:
+            model, batch = setup(method, kind, heads)
             per = N // world
             local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
             results.append(loss_and_grads(model, local, accum, info))
@@ -64,21 +67,21 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     out = tmp_path / "results.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=True)
-    for (method, kind, accum), (loss2, grads2) in zip(CASES, results):
+    for (method, kind, accum, heads), (loss2, grads2) in zip(CASES, results):
         # One process, same global batch. With grad_accum each micro-batch is its own contrastive batch.
-        model, batch = setup(method, kind)
+        model, batch = setup(method, kind, heads)
         if accum > 1:  # micro-batch i holds rows i of every rank's share, as under DDP
             per, micro = N // 2, N // 2 // accum
             order = [r * per + i * micro + j for i in range(accum) for r in range(2) for j in range(micro)]
             batch = {k: v[order] for k, v in batch.items()}
         loss1, grads1 = loss_and_grads(model, batch, accum)
-        assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-6), (method, kind, loss1, loss2)
+        assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-6), (method, kind, heads, loss1, loss2)
         assert grads1.keys() == grads2.keys() and len(grads1) > 10
         for name in grads1:
             # fp32 sums in another order: the error scales with the tensor's largest entries, not each entry.
             g1, g2 = grads1[name], grads2[name]
             tol = 2e-5 * g1.abs().max().item() + 1e-7
-            assert (g1 - g2).abs().max().item() <= tol, (method, kind, name, (g1 - g2).abs().max().item(), tol)
+            assert (g1 - g2).abs().max().item() <= tol, (method, kind, heads, name, (g1 - g2).abs().max().item(), tol)
         assert not any(name.startswith("third.") for name in grads1)
 
 

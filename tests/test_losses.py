@@ -105,3 +105,51 @@ def test_scale_clamp():
     with torch.no_grad():
         loss.log_scale.fill_(math.log(1000.0))
     assert float(loss.scales()[0].detach()) == pytest.approx(50.0)
+
+
+def test_distributed_term_loss_gathers_the_distinct_embeddings_once_in_fp32(monkeypatch):
+    """3T with model.third.heads=none as rank 1 of 2: one gather of the five distinct tensors (third_f is
+    third_g) side by side, in fp32, and each term contrasted against the gathered rows."""
+    import threetowers.model.losses as losses
+
+    g = torch.Generator().manual_seed(7)
+    h = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    emb = {k: F.normalize(torch.randn(4, d, generator=g), dim=-1) for k, d in
+           [("image", 6), ("text", 6), ("image_h", 8), ("text_h", 8)]}
+    emb["image"] = emb["image"].bfloat16()
+    emb["third_f"] = emb["third_g"] = h
+    calls = []
+
+    def fake_gather(x, world_size):  # rank 0's rows: this rank's, reversed (any layout-independent stand-in)
+        calls.append((tuple(x.shape), x.dtype, world_size))
+        return torch.cat([x.flip(0), x])
+
+    monkeypatch.setattr(losses, "gather_with_grad", fake_gather)
+    loss = TermLoss(method_terms("3t", [0.5, 0.3, 0.2]), init_scale=10.0)
+    loss.distribute(1, 2)
+    total, parts = loss(emb)
+    assert calls == [((4, 6 + 6 + 8 + 8 + 8), torch.float32, 2)]
+    everyone = {k: torch.cat([v.float().flip(0), v.float()]) for k, v in emb.items()}
+    expected = sum(t.weight * float(contrastive_loss(emb[t.a], emb[t.b], 10.0, a_all=everyone[t.a],
+                                                     b_all=everyone[t.b], rank=1)) for t in loss.terms)
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["loss/image~text"]) != pytest.approx(float(contrastive_loss(emb["image"], emb["text"], 10.0)))
+
+    loss.distribute(0, 1)  # back to local: no collective at all
+    calls.clear()
+    assert float(loss(emb)[0].detach()) == pytest.approx(
+        sum(t.weight * float(contrastive_loss(emb[t.a], emb[t.b], 10.0)) for t in loss.terms), rel=1e-5)
+    assert calls == []
+    with pytest.raises(ValueError, match="rank 2 of a world of 2"):
+        loss.distribute(2, 2)
+
+
+def test_heads_none_gives_third_f_and_third_g_as_one_tensor():
+    from conftest import fake_third, tiny_config
+    from threetowers import create_model
+
+    model = create_model(tiny_config("3t", "model.third.heads=none"), third=fake_third())
+    batch = {"image": torch.rand(2, 3, 16, 16), "tokens": torch.randint(2, 64, (2, 12))}
+    emb = model.embeddings(batch)
+    assert emb["third_f"] is emb["third_g"]
+    assert model.loss.world_size == 1  # a built model's loss is local until the training job distributes it

@@ -39,6 +39,7 @@ _CHOICES = {
     "model.image.init": ("clip", "torch"),
     "model.text.init": ("clip", "torch"),
     "model.third.heads": ("none", "shared", "per_term"),
+    "model.third.precision": ("auto", "fp32", "bf16"),
     "loss.kind": ("softmax", "sigmoid"),
     "loss.temperature": ("per_term", "shared"),
     "data.source": ("world", "webdataset", "csv"),
@@ -56,6 +57,8 @@ _POSITIVE = (
     "train.keep_checkpoints", "data.world.num_pairs", "data.world.image_size", "optim.lr", "optim.eps",
     "pretrain.num_images", "pretrain.num_heldout", "model.image.mlp_ratio", "model.text.mlp_ratio",
     "eval.num_images", "eval.retrieval_images", "eval.captions_per_image", "eval.batch_size",
+    "train.dist_timeout_minutes",
+    "data.cache_batch_size",
 )
 # Inclusive ranges [low, high] for fields that must not go negative or past a bound.
 _RANGES = {
@@ -79,7 +82,7 @@ _RANGES = {
 _FINITE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
            "loss.init_bias", "model.image.mlp_ratio", "model.text.mlp_ratio", "data.max_bad_fraction",
            "data.world.caption_noise", "data.world.colour_words", "data.world.scene_words",
-           "data.world.object_scale")
+           "data.world.object_scale", "train.dist_timeout_minutes")
 PRETRAIN_DATASETS = ("world_object", "world_scene", "fashion_mnist", "folder:PATH")
 
 

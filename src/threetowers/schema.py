@@ -72,6 +72,8 @@ class ThirdTowerConfig:
     heads: str = "none"  # learned linear heads on h: none | shared | per_term
     head_dim: int = 0  # output size of heads on h; 0 = h's own embedding size
     input_size: int = 0  # 0 = the source's own input size; else resize h's input to this
+    # h's arithmetic: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16; part of the cache's identity
+    precision: str = "auto"
 
 
 @dataclass
@@ -131,6 +133,7 @@ class DataConfig:
     tokenizer: str = ""  # path to a tokenizer.json; "" = train BPE on the training captions
     third_embeddings: str = "cache"  # cache (h's features computed once, no augmentation) | online
     cache_dir: str = ""  # where h's embedding cache lives; "" = <output_dir>/../cache
+    cache_batch_size: int = 256  # images per h forward pass while building h's embedding cache
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -168,6 +171,9 @@ class TrainConfig:
     log_every: int = 20
     progress: bool = True
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    # How long a rank may wait in a collective, above all for rank 0 alone rendering, decoding, building
+    # caches or evaluating (torch's own default, 10 minutes, is too short for those).
+    dist_timeout_minutes: float = 120.0
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard (the JSONL log is always written)
     grad_checkpointing: bool = False  # recompute the towers' activations in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the training step's model (same results to rounding; pays off on GPUs)

@@ -9,7 +9,9 @@ THREETOWERS_DEBUG=1 for full tracebacks.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,8 +22,10 @@ from .. import (
 )
 from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier, init_distributed, shutdown, world_size_from_env
-from ..data.loader import build_train_data, cache_summary
+from ..data.loader import build_train_data, cache_root, cache_summary
+from ..eval.benchmark import write_wds_classification
 from ..eval.tasks import benchmark_saved
+from ..interop.open_clip_export import require_open_clip
 from ..model.factory import build_third
 from ..training.checkpoint import CheckpointError
 from ..world import World
@@ -139,13 +143,16 @@ def _print_result(result) -> None:
 def add_world(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("world", help="look at the embedded benchmark: write a PNG grid of samples",
                        description="Render samples of the embedded world (data.world.*) into a PNG grid with their "
-                                   "captions (noisy captions in red) or labels.",
+                                   "captions (noisy captions in red) or labels (show), or write its held-out "
+                                   "zero-shot set in CLIP_benchmark's webdataset layout (wds), for "
+                                   "`threetowers eval --benchmark wds/NAME` and CLIP_benchmark's own command line.",
                        epilog="examples:\n  threetowers world show world.png\n"
                               "  threetowers world show objects.png --what object -n 24 data.world.image_size=64\n"
-                              "  threetowers world show fm.png data.world.sprites=shapes,fashion_mnist",
+                              "  threetowers world show fm.png data.world.sprites=shapes,fashion_mnist\n"
+                              "  threetowers world wds data/wds_world_object --what object -n 1000",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["show"], help="show: write a PNG grid")
-    p.add_argument("output", metavar="OUT.png")
+    p.add_argument("action", choices=["show", "wds"], help="show: write a PNG grid; wds: write a benchmark folder")
+    p.add_argument("output", metavar="OUT", help="the PNG (show) or the folder (wds)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.world.seed=3")
     p.add_argument("--what", choices=["pairs", "object", "scene"], default="pairs",
                    help="captioned pairs, or the object-/scene-labelled pretraining sets")
@@ -155,7 +162,12 @@ def add_world(sub: argparse._SubParsersAction) -> None:
 
 def cmd_world(args: argparse.Namespace) -> int:
     cfg = load_config(None, list(args.overrides))
-    World(cfg.data.world).show(args.output, n=args.n, what=args.what)
+    if args.action == "wds":
+        if args.what == "pairs":
+            raise ValueError("world wds writes a labelled set: give --what object or --what scene")
+        write_wds_classification(args.output, World(cfg.data.world).zeroshot(args.what, args.n))
+    else:
+        World(cfg.data.world).show(args.output, n=args.n, what=args.what)
     print(f"wrote {args.output}")
     return 0
 
@@ -183,7 +195,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError("model.method=clip has no third tower to cache; use a lit or 3t config")
     if cfg.data.third_embeddings != "cache":
         raise ConfigError("data.third_embeddings=online runs h during training; set it to cache to build a cache")
-    info = init_distributed(cfg.train.device)  # under torchrun, the ranks split the shards
+    cfg = leave_run_alone(cfg)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)  # under torchrun, the ranks split the shards
     try:
         third = build_third(cfg)
         summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
@@ -195,12 +208,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def leave_run_alone(cfg):
+    """`cfg` for the cache command when its output directory already holds a tokenizer: that
+    tokenizer is the run's, and the cache needs no tokens, so it is read (or, for a Hugging Face
+    text tower, left) rather than retrained in its place when the data differ. The cache itself
+    still goes where `train` will look for it. With no tokenizer there, the one trained is saved
+    for `train` to reuse, as before."""
+    saved = Path(cfg.train.output_dir) / "tokenizer.json"
+    if not saved.is_file():
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.cache_dir = str(cache_root(cfg))
+    if cfg.model.text.kind != "hf" and not cfg.data.tokenizer:
+        cfg.data.tokenizer = str(saved)
+    cfg.train.output_dir = ""  # nothing is written into the run's directory
+    return cfg
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model: zero-shot, retrieval, few-shot, 3T/LiT mixing",
                        description="Evaluate a saved model (a run's model/ or a checkpoints/step_N/ directory) on "
                                    "eval.tasks; print a table and write JSON.",
                        epilog="examples:\n  threetowers eval runs/3t/model\n"
-                              "  threetowers eval runs/clip/model --tasks zeroshot_object retrieval\n"
+                              "  threetowers eval runs/clip/model --tasks zeroshot_object retrieval eval.num_images=200\n"
                               "  threetowers eval runs/3t/model --tasks zeroshot:/data/my_classes retrieval:/data/val.csv\n"
                               "  threetowers eval runs/3t/model eval.mixing_alphas=[0,0.5,1] --out scores.json\n"
                               "  threetowers eval runs/3t/model --benchmark wds/cifar10 --dataset-root data/wds_cifar10\n\n"
@@ -209,7 +239,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.num_images=2000")
-    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: the model's eval.tasks)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: the model's eval.tasks); key=value "
+                                                              "overrides may follow them")
     p.add_argument("--out", metavar="JSON", help="where to write the results (default MODEL_DIR/eval.json)")
     p.add_argument("--benchmark", metavar="DATASET",
                    help="a dataset CLIP_benchmark builds instead of eval.tasks, e.g. wds/cifar10 (pip install "
@@ -226,7 +257,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--benchmark needs --dataset-root DIR (the dataset's folder)")
         results = benchmark_saved(args.model, args.benchmark, args.dataset_root, args.amp, list(args.overrides))
     else:
-        results = evaluate(args.model, args.tasks, list(args.overrides))
+        # `--tasks A B key=value` takes the overrides too: split them off by their form.
+        tasks = [t for t in args.tasks or [] if not is_override(t)]
+        overrides = list(args.overrides) + [t for t in args.tasks or [] if is_override(t)]
+        results = evaluate(args.model, tasks or None, overrides)
     width = max(len(k) for k in results) if results else 0
     for key, value in results.items():
         print(f"{key:<{width}}  {100 * value:6.2f}")
@@ -241,8 +275,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                        description="Write MODEL_DIR's image and text towers (f and g; h is not needed at inference) "
                                    "with their projections and tokenizer as a directory open_clip loads with "
                                    "create_model_and_transforms('local-dir:OUT_DIR'), and so CLIP_benchmark and the "
-                                   "Hugging Face hub loader. Then load it with open_clip (when installed) and compare "
-                                   "its tokens and embeddings with ours.",
+                                   "Hugging Face hub loader. Then load it with open_clip and compare its tokens and "
+                                   "embeddings with ours (without open_clip installed this is refused before anything "
+                                   "is written, unless --no-check).",
                        epilog="examples:\n  threetowers export runs/3t/model exported/3t\n"
                               "  python -c \"import open_clip; m, _, pre = open_clip.create_model_and_transforms("
                               "'local-dir:exported/3t')\"\n"
@@ -258,6 +293,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if not args.no_check:
+        require_open_clip()  # before writing: an unchecked folder is left only when asked for
     out = export_open_clip(args.model, args.out)
     print(f"wrote {out} (open_clip: create_model_and_transforms('local-dir:{out}'))")
     if args.no_check:
@@ -276,14 +313,18 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                    "EfficientNet-Lite0 when installed), cache their embeddings, train CLIP once and "
                                    "LiT and 3T per third tower over several seeds, evaluate everything, and write "
                                    "results.md, results.json and plots to the output directory.",
-                       epilog="examples:\n  threetowers demo                       # the full run (~15 min on 2 cores)\n"
-                              "  threetowers demo --quick               # a first look (~3 min)\n"
-                              "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t]\n"
-                              "  threetowers demo output_dir=ablation --run model.third.heads=per_term\n"
-                              "  threetowers demo output_dir=ablation --run loss.weights=[0.5,0.25,0.25] --run train.steps=900",
+                       epilog="examples:\n  threetowers demo                       # the full run (about 20 min on 2 cores)\n"
+                              "  threetowers demo --quick               # a first look (one seed; about 2 min)\n"
+                              "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t] output_dir=demo-object\n"
+                              "  threetowers demo methods=[3t] output_dir=demo-per_term --run model.third.heads=per_term\n"
+                              "  threetowers demo output_dir=demo-weights --run loss.weights=[0.5,0.25,0.25] --run train.steps=2700\n\n"
+                              "Each demo writes into its own output_dir: a folder that holds a demo with other settings "
+                              "is refused (its runs would be resumed and its report overwritten); the same demo "
+                              "again goes on where it stopped.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="demo settings (see src/threetowers/configs/demo/full.yaml and experiments/demo.py)")
+                   help="demo settings: the fields of DemoConfig in src/threetowers/apps/demo.py (presets in "
+                        "src/threetowers/configs/demo/)")
     p.add_argument("--run", action="append", default=[], metavar="key=value",
                    help="a training-config override for every run (an ablation), e.g. --run loss.kind=sigmoid; "
                         "repeatable; appended to the demo's `overrides` list")
@@ -330,12 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # key.sub=value (a task such as zeroshot:/a=b is not one)
+
+
+def is_override(arg: str) -> bool:
+    return bool(OVERRIDE.match(arg))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after options too (`train clip --resume never optim.lr=1e-3`), which a
     # nargs="*" positional alone does not allow; collect the leftovers that look like key=value.
     args, extra = parser.parse_known_args(argv)
-    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    bad = [e for e in extra if not is_override(e)]
     if bad or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:

@@ -5,21 +5,27 @@ real ImageNet classifier when installed) -> cache each h's embeddings -> train C
 and 3T once per h, per seed, all with the same towers, data, steps and batch -> evaluate all with
 the suite (zero-shot, retrieval, few-shot, the 3T/LiT mixing sweep) -> results.md, results.json
 and plots. Every run is an ordinary `Config`; the demo only builds the grid.
+
+A demo owns its output directory: the directory records the demo's settings (`demo.json`), and a
+demo with other settings is refused there, because it would resume those runs with its own
+settings and overwrite their report. An ablation is a new demo in a folder of its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from ..config import WORLD_TASKS, Config, ConfigError, load_config, override_layer, resolve_preset
+from ..core.atomic import write_json_atomic
 from ..eval.tasks import build_tasks, run_tasks
 from ..third.store import EvalFeatures
 from ..training.contrastive import train
@@ -34,6 +40,7 @@ ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none"}
 @dataclass
 class DemoConfig:
     output_dir: str = "demo-out"
+    preset: str = "demo/full"  # the demo preset this was loaded from (load_demo_config sets it), for reruns
     base: str = "demo/base"  # the Config preset every run shares (world, towers, steps, batch)
     overrides: list[str] = field(default_factory=list)  # key=value applied to every run
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -59,6 +66,7 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
                 if any(o.startswith("overrides=") for o in overrides or []) else "")
         raise ConfigError(str(err).splitlines()[0] + hint) from None
     demo: DemoConfig = OmegaConf.to_object(merged)
+    demo.preset = preset
     demo.overrides += list(run_overrides or [])
     for method in demo.methods:  # a bad run setting fails here, before any work (h: a placeholder)
         run_config(demo, method, None, 0, [] if method == "clip" else ["model.third.source=checkpoint",
@@ -73,9 +81,38 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(demo: DemoConfig) -> dict:
+def claim_output_dir(demo: DemoConfig) -> None:
+    """Record `demo`'s settings in its output directory, or refuse a directory that holds another
+    demo (or anything else); the same demo again goes on where it stopped."""
     out = Path(demo.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    record = out / "demo.json"
+    ours = {k: v for k, v in asdict(demo).items() if k != "output_dir"}
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        changed = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
+                   if ours.get(k) != theirs.get(k)]
+        if not changed:
+            return
+        what = f"a demo with other settings ({'; '.join(changed)})"
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "files but no demo record (demo.json)"
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, ours)
+        return
+    raise FileExistsError(f"{out} holds {what}: its runs would be resumed with these settings and its report "
+                          f"overwritten. Give this demo its own folder (output_dir={out}-2, for example), or delete "
+                          f"{out} to start over")
+
+
+def demo_command(demo: DemoConfig) -> str:
+    """The command line that runs `demo`'s preset: the report's ablation commands extend it."""
+    return "threetowers demo" + {"demo/full": "", "demo/quick": " --quick"}.get(demo.preset, f" --preset {demo.preset}")
+
+
+def run_demo(demo: DemoConfig) -> dict:
+    claim_output_dir(demo)  # before any work
+    out = Path(demo.output_dir)
     timings: dict[str, float] = {}
     base = load_config(demo.base, shared_overrides(demo, "clip"))  # the world and the eval settings
 
@@ -91,6 +128,7 @@ def run_demo(demo: DemoConfig) -> dict:
     # 2. third towers
     t0 = time.perf_counter()
     third_overrides: dict[str, list[str]] = {}
+    heldout: dict[str, float] = {}  # each pretrained h's held-out top-1 on its own labels
     for name in demo.thirds:
         if name == "imagenet":
             if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
@@ -104,7 +142,8 @@ def run_demo(demo: DemoConfig) -> dict:
                                           *world_overrides(base), *demo.pretrain_overrides])
         _log(f"pretraining the {name}-aligned classifier ({cfg.train.steps} steps)")
         result = pretrain(cfg)
-        _log(f"  held-out top-1 of the {name} classifier: {100 * result['heldout_top1']:.1f}%")
+        heldout[name] = result["heldout_top1"]
+        _log(f"  held-out top-1 of the {name} classifier: {100 * heldout[name]:.1f}%")
         third_overrides[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
     timings["pretrain"] = time.perf_counter() - t0
 
@@ -131,7 +170,10 @@ def run_demo(demo: DemoConfig) -> dict:
                          "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\nMachine: {machine()}\n"
-    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings))
+    if heldout:
+        header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in heldout.items()) + "\n"
+    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings,
+                       heldout=heldout, command=demo_command(demo), steps=base.train.steps))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     _log(f"wrote {out / 'results.md'}, results.json and plots")
     return {"runs": runs, "timings": timings}

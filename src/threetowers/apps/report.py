@@ -68,9 +68,12 @@ def table(agg: dict, order: list[str]) -> str:
 
 
 def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str], chance: dict[str, float],
-                 header: str = "", timings: dict[str, float] | None = None) -> str:
+                 header: str = "", timings: dict[str, float] | None = None, heldout: dict[str, float] | None = None,
+                 command: str = "threetowers demo", steps: int = 900) -> str:
     """results.json, results.md (the claims' summary first) and plots; returns the markdown table.
-    `chance`: each metric's chance level (1 / classes, 1 / images), for the "not testable" rule."""
+    `chance`: each metric's chance level (1 / classes, 1 / images), for the "not testable" rule;
+    `heldout`: each pretrained h's held-out top-1; `command` (the command line of the demo's preset)
+    and `steps` (its runs' steps): what the ablation commands for claims not held start from."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
@@ -88,7 +91,7 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
                f"(run with at least {MIN_SEEDS} seeds, e.g. the full `threetowers demo`).", ""]
     md += [summary_table(checked, list(thirds)), "", "## Results (mean ± std over seeds, %)", "", table(agg, order), "",
            "Chance: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()), ""]
-    md += ablation_plan(checked)
+    md += ablation_plan(checked, command, steps, directory.name, seeds)
     if timings:
         md += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
@@ -97,27 +100,31 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
     write_text_atomic(directory / "results.md", text)
     write_text_atomic(directory / "results.json", json.dumps(
         {"runs": runs, "aggregate": {k: {m: list(s) for m, s in v.items()} for k, v in agg.items()},
-         "claims": checked, "chance": chance, "timings": timings or {}}, indent=1))
+         "claims": checked, "chance": chance, "timings": timings or {}, "heldout_top1": heldout or {}}, indent=1))
     return summary_table(checked, list(thirds)) + "\n\n" + table(agg, order)
 
 
-# Why a claim of the paper may fail at demo scale, the methods the setting changes, and the one-line
-# config that tests it. Settings of 3T's extra terms leave LiT (one term) as it was: compare with its run.
+# Why a claim of the paper may fail at demo scale, the methods the setting changes, the name of its
+# output folder and the one-line config that tests it ({longer}: 3x the demo's steps). Settings of
+# 3T's extra terms leave LiT (one term) as it was: compare with its run.
 HYPOTHESES = [
     ("f is under-trained: 3T's image tower starts from scratch, while LiT reads an h that is already trained",
-     "lit,3t", "--run train.steps=900"),
-    ("h's embedding space needs its own heads (the paper's per-term adaptors on h)", "3t",
+     "lit,3t", "steps{longer}", "--run train.steps={longer}"),
+    ("h's embedding space needs its own heads (the paper's per-term adaptors on h)", "3t", "per_term",
      "--run model.third.heads=per_term"),
-    ("the (f, g) term is outweighed by the two terms that pull towards h", "3t", "--run loss.weights=[0.5,0.25,0.25]"),
-    ("one temperature per term lets the h terms run hotter than the (f, g) term", "3t",
+    ("the (f, g) term is outweighed by the two terms that pull towards h", "3t", "weights",
+     "--run loss.weights=[0.5,0.25,0.25]"),
+    ("one temperature per term lets the h terms run hotter than the (f, g) term", "3t", "shared_temperature",
      "--run loss.temperature=shared"),
-    ("the softmax loss over a small batch; the sigmoid loss scores each pair on its own", "lit,3t",
+    ("the softmax loss over a small batch; the sigmoid loss scores each pair on its own", "lit,3t", "sigmoid",
      "--run loss.kind=sigmoid"),
 ]
 
 
-def ablation_plan(checked: list[dict]) -> list[str]:
-    """For claims that did not hold: the hypotheses and the demo command that tests each one."""
+def ablation_plan(checked: list[dict], command: str = "threetowers demo", steps: int = 900, name: str = "demo-out",
+                  seeds: int = MIN_SEEDS) -> list[str]:
+    """For claims that did not hold: the hypotheses and the demo command that tests each one: the
+    demo's preset (`command`, `steps`) with one override, in a folder of its own beside `name`."""
     failed = [c for c in checked if c["verdict"] != HELD]
     if not failed:
         return []
@@ -126,9 +133,13 @@ def ablation_plan(checked: list[dict]) -> list[str]:
     md = ["", "## Claims not held: hypotheses and the ablation that tests each", "",
           f"Not held: {len(failed)} of {len(checked)} checks ({listed}). Each hypothesis "
           "below is tested by re-running the demo for those towers with one override (a config, not code):", ""]
-    base = f"threetowers demo thirds=[{','.join(thirds)}]"  # the demo's 3 seeds: enough to judge
-    md += [f"- {why}: `{base} methods=[{methods}] output_dir=demo-ablation-{i} {run}`"
-           for i, (why, methods, run) in enumerate(HYPOTHESES, 1)]
+    base = command
+    if seeds < MIN_SEEDS:  # an ablation that decides needs the seeds to judge by
+        base += f" seeds=[{','.join(map(str, range(MIN_SEEDS)))}]"
+    base += f" thirds=[{','.join(thirds)}]"
+    for why, methods, folder, run in HYPOTHESES:
+        folder, run = (x.format(longer=3 * steps) for x in (folder, run))
+        md.append(f"- {why}: `{base} methods=[{methods}] output_dir={name}-{folder} {run}`")
     md += ["", "The mixing sweep (`mixing.png`) shows whether the 3T model's own LiT-like pair (h_g(h), g_h) "
            "learned what LiT learns: if mixing it in closes the gap, the gap lies in f, not in the objective."]
     return md

@@ -4,14 +4,24 @@
 MASTER_ADDR and MASTER_PORT; multi-node runs add `--nnodes`, `--node_rank` and a rendezvous
 endpoint (torchrun's usual flags). Without those variables everything here is a no-op on one
 process. gloo on CPU, NCCL on GPU.
+
+Ranks wait for rank 0 in collectives (`rank0_first`, `on_main`, barriers) while it renders, decodes,
+builds caches or evaluates; the group's timeout, `train.dist_timeout_minutes`, bounds that wait, and
+a wrapper whose wait times out says which phase it was and which setting to raise. Nothing here
+communicates unless called: the loss gathers only when told the world size (`TermLoss.distribute`).
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
+import linecache
 import os
+import pickle
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -54,8 +64,16 @@ def pick_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group described by torchrun's environment (or one created by the caller)."""
+_timeout_minutes: float | None = None  # the timeout of the group init_distributed created, for messages
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 120.0) -> DistInfo:
+    """Join the process group described by torchrun's environment (or one created by the caller).
+
+    `timeout_minutes` (`train.dist_timeout_minutes`) bounds every collective, above all the other
+    ranks' wait while rank 0 alone prepares data or evaluates: torch's default is only 10 minutes.
+    """
+    global _timeout_minutes
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
@@ -65,16 +83,51 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(0, 1, 0, dev, owns_group=False)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                            timeout=timedelta(minutes=timeout_minutes))
+    _timeout_minutes = timeout_minutes
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
 
 
 def shutdown(info: DistInfo) -> None:
+    global _timeout_minutes
     if info.owns_group and dist.is_initialized():
+        _timeout_minutes = None
         # Drop finished collectives' work objects (they hold tensors) while the interpreter is fully
         # alive: freed later, at exit, gloo's threads can abort the process.
         gc.collect()
         dist.destroy_process_group()
+
+
+class CollectiveTimeout(RuntimeError):
+    """A wait for the other ranks outlasted the process group's timeout (`train.dist_timeout_minutes`)."""
+
+
+def _collective(wrapper: str, op: Callable[[], Any]) -> Any:
+    """`op()`, with a timeout re-raised as a CollectiveTimeout that names the waiting phase and the setting.
+
+    gloo raises a plain RuntimeError ("Timed out waiting 2000ms for recv ..."), NCCL a DistBackendError
+    (a RuntimeError); there is no dedicated type, so the text decides. (NCCL's watchdog may instead end
+    the process with "Watchdog caught collective operation timeout"; the setting is the same.)
+    """
+    try:
+        return op()
+    except RuntimeError as err:
+        text = str(err).lower()
+        if isinstance(err, CollectiveTimeout) or ("timed out" not in text and "timeout" not in text):
+            raise
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename == __file__:  # the caller outside this module
+            frame = frame.f_back
+        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        limit = f"{_timeout_minutes:g} minutes" if _timeout_minutes is not None else "the process group's timeout"
+        raise CollectiveTimeout(
+            f"rank {dist.get_rank()} waited longer than {limit} (train.dist_timeout_minutes) in {wrapper} at "
+            f"{where}{f' ({line})' if line else ''}. If rank 0 was only slow there (rendering, decoding, building a "
+            "cache, evaluating), raise train.dist_timeout_minutes; otherwise look for an error in the other ranks' "
+            f"output. The collective's own error: {err}"
+        ) from err
 
 
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -101,6 +154,10 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's `obj` on every rank (pickled; for small things such as a resume decision)."""
     if not info.enabled:
         return obj
+    return _collective("broadcast_object", lambda: _broadcast(obj, info))
+
+
+def _broadcast(obj: Any, info: DistInfo) -> Any:
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -111,7 +168,7 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    _collective("gather_objects", lambda: dist.all_gather_object(out, obj))
     return out
 
 
@@ -126,7 +183,7 @@ def all_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        _collective("barrier", dist.barrier)
 
 
 def is_distributed() -> bool:
@@ -134,8 +191,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def _shippable(err: Exception) -> Exception:
+    """`err` if it survives pickling (how it travels to the other ranks), else a RuntimeError with its type
+    and message: an exception whose constructor pickle cannot call again would arrive as a TypeError."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001  (anything pickle raises, or the exception's own constructor)
+        return RuntimeError(f"on rank 0: {type(err).__module__}.{type(err).__qualname__}: {err}")
 
 
 def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
@@ -148,9 +211,12 @@ def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
             if not info.enabled:
                 raise
             error = err
-    result, error = broadcast_object((result, error), info)
+    shipped = _shippable(error) if error is not None else None
+    result, shipped = _collective("on_main", lambda: _broadcast((result, shipped), info))
     if error is not None:
-        raise error
+        raise error  # rank 0: the original, with its traceback
+    if shipped is not None:
+        raise shipped
     return result
 
 
@@ -159,18 +225,25 @@ def rank0_first(make: Callable[[], Any]) -> Any:
     if not is_distributed():
         return make()
     result = make() if dist.get_rank() == 0 else None
-    dist.barrier()
+    _collective("rank0_first", dist.barrier)
     return result if dist.get_rank() == 0 else make()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows concatenated in rank order; gradients flow back to the rank they came from."""
-    if not is_distributed():
+def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order; gradients flow back to the rank they came from.
+
+    The caller says how many ranks take part (1: `x` itself, no communication), so that code on one
+    rank alone, such as an evaluation hook, never waits on a collective it did not ask for.
+    """
+    if world_size <= 1:
         return x
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        raise RuntimeError(f"gather over {world_size} ranks, but the process group has "
+                           f"{dist.get_world_size() if dist.is_initialized() else 'not been initialised'}")
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
 def barrier_all() -> None:
     """Wait for every rank of the process group, if there is one (no `DistInfo` needed)."""
     if is_distributed():
-        dist.barrier()
+        _collective("barrier_all", dist.barrier)

@@ -20,6 +20,27 @@ def as_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def to_device(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU batch onto `device`; on CUDA from pinned memory without blocking, so that the copy
+    overlaps the work already queued on the GPU."""
+    device = torch.device(device)
+    if images.device == device:
+        return images
+    if device.type == "cuda" and images.device.type == "cpu":
+        return images.pin_memory().to(device, non_blocking=True)
+    return images.to(device)
+
+
+def image_floats(images: torch.Tensor) -> torch.Tensor:
+    """A batch as the towers take it: uint8 [B, H, W, 3] (as stored: a quarter of the bytes to ship)
+    or float [B, 3, H, W] in [0, 1] -> float [B, 3, H, W] in [0, 1], on the batch's device."""
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be [B, H, W, 3], got shape {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2).float().div_(255.0)
+    return images
+
+
 def resize_batch(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Float images [B, 3, H, W] -> [B, 3, size, size] (antialiased when bilinear or bicubic); a
     no-op at that size."""

@@ -21,7 +21,6 @@ pinned memory on CUDA); each batch carries its worker's bad-sample counts.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from collections import OrderedDict
@@ -31,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier_all
 from ..schema import Config
 from ..third.store import ShardEmbeddings, cache_dir_for
-from .order import check_rows, step_rows, substitutes
+from .order import check_rows, step_loader, step_rows, substitutes
 from .samples import BadSampleCounter, SampleDecoder, clean_caption
 from .shard_index import ensure_index, open_index, read_member, shard_name
 from .shards import expand_shards
@@ -122,12 +121,14 @@ class ShardRows:
 class StepBatches(Dataset):
     """Item s: this rank's share of the global batch at step s, decoded (map-style, by step)."""
 
-    def __init__(self, rows: ShardRows, cfg: Config, rank: int, world_size: int, with_images: bool):
+    def __init__(self, rows: ShardRows, cfg: Config, rank: int, world_size: int, with_images: bool,
+                 third_size: int = 0):
         self.rows, self.cfg = rows, cfg
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.per_rank = rank, cfg.train.batch_size // world_size
         self.counter = BadSampleCounter(cfg.data.max_bad_fraction)
-        self.decoder = SampleDecoder(cfg.model.image.image_size, cfg.data.augment, self.counter, DEFAULT_MAX_PIXELS)
+        self.decoder = SampleDecoder(cfg.model.image.image_size, cfg.data.augment, self.counter, DEFAULT_MAX_PIXELS,
+                                     third_size)
         self.with_images = with_images
         self.with_third = rows.shards.embedding_dir is not None
 
@@ -139,14 +140,14 @@ class StepBatches(Dataset):
             if known_bad:
                 raise SampleError(self.rows.shards.known_bad[row], "its image was unreadable when h's cache was built")
             if self.with_images:
-                pixels, text = self.decoder.decode(image, caption)
+                sample = self.decoder.decode_views(image, caption)
             else:  # LiT on cached h: the pixels are never looked at
-                pixels, text = None, clean_caption(caption)
+                sample = {"image": None, "caption": clean_caption(caption)}
         except SampleError as err:
             self.counter.bad(err.reason, where, err.detail)
             return None
         self.counter.ok()
-        sample = {"image": pixels, "caption": text, "key": key}
+        sample["key"] = key
         if self.with_third:
             sample["third"] = self.rows.third_embedding(row)
         return sample
@@ -171,37 +172,30 @@ class StepBatches(Dataset):
                  "bad_counts": self.counter.snapshot()}
         if self.with_images:
             batch["image"] = torch.stack([s["image"] for s in out])
+        if self.decoder.third is not None:
+            batch["third_image"] = torch.stack([s["third_image"] for s in out])
         if self.with_third:
             batch["third"] = torch.stack([s["third"] for s in out])
         return batch
 
 
-class _Steps(Sampler):
-    def __init__(self, start: int):
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.count(self.start)
-
-
 class ShardTrainData:
     """Indexed webdataset shards as training batches by step: {"image", "tokens", "keys"[, "third"]}."""
 
-    def __init__(self, cfg: Config, shards: ShardSet, tokenizer, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, shards: ShardSet, tokenizer, rank: int = 0, world_size: int = 1,
+                 third_size: int = 0):
+        """`third_size`: h's input size when h runs online (batches then carry its pixels, `third_image`)."""
         self.rows = ShardRows(shards)
         check_rows(len(self.rows), cfg.train.batch_size)
         self.cfg, self.tokenizer, self.shards, self.rank = cfg, tokenizer, shards, rank
         with_images = cfg.model.method != "lit" or shards.embedding_dir is None
-        self.dataset = StepBatches(self.rows, cfg, rank, world_size, with_images)
+        self.dataset = StepBatches(self.rows, cfg, rank, world_size, with_images, third_size)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batches(self, start_step: int) -> Iterator[dict]:
-        workers = self.cfg.data.num_workers
-        loader = DataLoader(self.dataset, batch_size=None, sampler=_Steps(start_step), num_workers=workers,
-                            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None)
-        for batch in loader:
+        for batch in step_loader(self.dataset.__getitem__, start_step, self.cfg.data.num_workers):
             self.dataset.counter.merge(batch.pop("bad_counts"))
             batch["tokens"] = self.tokenizer(batch.pop("caption"))
             yield batch
@@ -247,8 +241,11 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
                 report(f"shard {urls[i]}: building h's embeddings again: {why}")
             if cfg.train.progress:
                 report(f"h's embeddings: shard {n + 1} of {len(mine)} on this rank ({urls[i]}, {meta['rows']} samples)")
-            chunks = DataLoader(_ShardChunks(urls[i], index_dir, meta["name"], cfg.model.image.image_size, 256),
-                                batch_size=None, num_workers=cfg.data.num_workers)
+            # h's pixels: decoded at h's own input size (never f's), as online h gets them too.
+            chunks = DataLoader(_ShardChunks(urls[i], index_dir, meta["name"], third.preprocessing.input_size,
+                                             cfg.data.cache_batch_size),
+                                batch_size=None, num_workers=cfg.data.num_workers,
+                                pin_memory=third.device.type == "cuda")
             ShardEmbeddings.build(embedding_dir, meta["name"], third, meta["identity"], meta["rows"], chunks)
     barrier_all()
     tag = hashlib.sha256(json.dumps([urls, info and info["fingerprint"], info and info["preprocessing"]]).encode())
@@ -282,7 +279,7 @@ def _manifest(urls: list[str], index_dir: Path, embedding_dir: Path | None) -> d
 
 
 class _ShardChunks(Dataset):
-    """Item i: rows [i·b, (i+1)·b) of one shard, decoded without augmentation (what h sees)."""
+    """Item i: rows [i·b, (i+1)·b) of one shard, decoded at h's input size without augmentation (what h sees)."""
 
     def __init__(self, url: str, index_dir: Path, name: str, image_size: int, chunk: int):
         self.url, self.index_dir, self.name, self.chunk = url, index_dir, name, chunk

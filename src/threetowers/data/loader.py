@@ -23,31 +23,37 @@ from torch.utils.data import DataLoader
 
 from ..core.atomic import write_text_atomic
 from ..core.distributed import rank0_first
-from ..core.sets import as_float, resize_batch
 from ..schema import Config
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
 from ..world import World
 from .csv_pairs import load_csv_arrays
 from .indexed import ShardTrainData, prepare_shards, shard_urls
-from .order import check_rows, global_indices
+from .order import check_rows, global_indices, step_loader
 from .samples import collate
 from .shards import ShardPairs, stream_captions
 from .tokenizer import Tokenizer, load_tokenizer
 
 
 class ArrayTrainData:
-    """Rows held as arrays (uint8 images, token ids or labels, optional cached h embeddings)."""
+    """Rows held as arrays (uint8 images, token ids or labels, optional cached h embeddings), served
+    by step through the DataLoader every source uses (`data.num_workers`, pinned memory on CUDA).
+
+    Images leave as stored, uint8 [B, H, W, 3] (a quarter of float32's bytes to ship); the model
+    converts and resizes them on its device. `third_images`: h's own pixels of the rows (CSV decoded
+    at h's input size) when h runs online and they differ from `images`.
+    """
 
     def __init__(self, images: np.ndarray, columns: dict[str, torch.Tensor], keys: list[str], cfg: Config,
-                 rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                 third_cache: FeatureCache | None = None, tokenizer=None, with_images: bool = True,
+                 rank: int = 0, world_size: int = 1, third_cache: FeatureCache | None = None, tokenizer=None,
+                 with_images: bool = True, third_images: np.ndarray | None = None,
                  bad: dict[str, int] | None = None):
         check_rows(len(images), cfg.train.batch_size)
         self.images, self.columns, self.keys = images, columns, keys
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.world_size = rank, world_size
-        self.image_size = image_size or images.shape[1]
+        self.num_workers = cfg.data.num_workers
         self.third_cache = third_cache
+        self.third_images = third_images
         self.tokenizer = tokenizer
         self.with_images = with_images  # False: LiT on cached h never looks at the pixels
         self.bad = dict(bad or {})  # rows skipped when the arrays were built, by reason
@@ -60,11 +66,9 @@ class ArrayTrainData:
         idx = global_indices(self.seed, step, self.batch_size, len(self))[self.rank * per_rank:(self.rank + 1) * per_rank]
         batch = {"keys": [self.keys[i] for i in idx]}
         if self.with_images:
-            # Sorted reads are kinder to a memory-mapped array; the order within a batch is restored.
-            order = np.argsort(idx)
-            images = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
-            images[order] = self.images[idx[order]]
-            batch["image"] = resize_batch(as_float(images), self.image_size)
+            batch["image"] = _take(self.images, idx)
+        if self.third_images is not None:
+            batch["third_image"] = _take(self.third_images, idx)
         for name, column in self.columns.items():
             batch[name] = column[idx]
         if self.third_cache is not None:
@@ -72,11 +76,19 @@ class ArrayTrainData:
         return batch
 
     def batches(self, start_step: int) -> Iterator[dict]:
-        for step in itertools.count(start_step):
-            yield self.batch(step)
+        return iter(step_loader(self.batch, start_step, self.num_workers))
 
     def bad_samples(self) -> dict[str, int]:
         return dict(self.bad)
+
+
+def _take(images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """Rows `idx` of a uint8 array as a tensor; sorted reads are kinder to a memory-mapped array, and
+    the order within the batch is restored."""
+    order = np.argsort(idx)
+    out = np.empty((len(idx), *images.shape[1:]), dtype=np.uint8)
+    out[order] = images[idx[order]]
+    return torch.from_numpy(out)
 
 
 def dataset_id(kind: str, *parts: object) -> str:
@@ -120,13 +132,37 @@ def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: st
 
 def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Callable[[int, int], torch.Tensor],
                     progress: bool = True) -> FeatureCache | None:
-    """h's embeddings over the training rows, built once (resumably) and reused across runs."""
-    if cfg.model.method == "clip" or cfg.data.third_embeddings != "cache" or third is None:
+    """h's embeddings over the training rows, built once (resumably) and reused across runs.
+    `images(start, stop)`: h's pixels of those rows (uint8 [B, H, W, 3], at h's size or stored size)."""
+    if not caches_third(cfg, third):
         return None
     directory = cache_dir_for(cache_root(cfg), third.info(), ds_id)
     # Rank 0 builds (or resumes) the cache; the other ranks then find it complete and only read it.
     return rank0_first(lambda: build_feature_cache(directory, third, third.info(), ds_id, keys, images,
-                                                   progress=progress))
+                                                   batch_size=cfg.data.cache_batch_size, progress=progress))
+
+
+def caches_third(cfg: Config, third) -> bool:
+    """Whether training reads h's embeddings from the cache (and so never runs h in a step)."""
+    return cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None
+
+
+def _csv_third_images(cfg: Config, third, keys: list[str], progress: bool) -> Callable[[], np.ndarray]:
+    """The CSV's rows decoded at h's input size, for h (loaded on first use: a complete cache needs none)."""
+    held: list[np.ndarray] = []
+
+    def load() -> np.ndarray:
+        if not held:
+            arrays = rank0_first(lambda: load_csv_arrays(cfg.data, third.preprocessing.input_size, progress=progress,
+                                                         store=cache_root(cfg) / "csv"))
+            if arrays.keys != keys:  # the same rows decode at any size; a difference means the files changed
+                raise ValueError(f"data.path={cfg.data.path}: the rows decoded at h's input size "
+                                 f"({third.preprocessing.input_size} px) differ from those at f's; was the CSV or an "
+                                 "image changed during the run? Run again")
+            held.append(arrays.images)
+        return held[0]
+
+    return load
 
 
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
@@ -139,20 +175,26 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         images, captions, keys = pairs.images, pairs.captions, pairs.keys
         ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))  # keys carry the world's hash
         bad: dict[str, int] = {}
+        third_images = lambda: images  # noqa: E731  (h sees the rendered pixels, resized to its own size)
     elif source == "csv":
         # Decoded once into a memory-mapped file under the cache root (rank 0 decodes, the others map it).
         images, captions, keys, bad, identity = rank0_first(lambda: load_csv_arrays(
             cfg.data, cfg.model.image.image_size, progress=rank == 0, store=cache_root(cfg) / "csv"))
         ds_id = dataset_id("csv", identity, len(keys))
+        third_images = _csv_third_images(cfg, third, keys, rank == 0) if third is not None else None
     elif cfg.data.shard_access == "stream":
-        return StreamTrainData(cfg, rank, world_size)
+        return StreamTrainData(cfg, rank, world_size, third_size=third.preprocessing.input_size if third else 0)
     else:
         return indexed_shard_data(cfg, rank, world_size, third)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir, ds_id))
     tokens = tokenizer(captions)
-    cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: as_float(images[s:e]), progress=rank == 0)
-    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cfg.model.image.image_size,
-                          cache, tokenizer, with_images=cfg.model.method != "lit" or cache is None,
+    cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: torch.from_numpy(np.array(third_images()[s:e])),
+                            progress=rank == 0)
+    online = third is not None and cfg.model.method != "clip" and cache is None
+    own_pixels = third_images() if online else None
+    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cache, tokenizer,
+                          with_images=cfg.model.method != "lit" or cache is None,
+                          third_images=own_pixels if own_pixels is not None and own_pixels is not images else None,
                           bad=bad if rank == 0 else {})  # the trainer sums ranks' counts; one pass, counted once
 
 
@@ -160,12 +202,14 @@ def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, third=No
     """Indexed local shards: the ranks index (and, for lit/3t with the cache, run h over) their share of
     the shards, resumably, then every rank reads the manifest of them all."""
     report = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    cached = cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None
+    cached = caches_third(cfg, third)
     urls = shard_urls(cfg)
     shards = prepare_shards(cfg, urls, cache_root(cfg), third if cached else None, rank, world_size, report)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions(urls), cfg.train.output_dir,
                                                             shards.dataset_id))
-    return ShardTrainData(cfg, shards, tokenizer, rank, world_size)
+    online = third is not None and cfg.model.method != "clip" and not cached
+    return ShardTrainData(cfg, shards, tokenizer, rank, world_size,
+                          third_size=third.preprocessing.input_size if online else 0)
 
 
 def cache_summary(data: ArrayTrainData | ShardTrainData, third) -> str:
@@ -185,12 +229,11 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "cache")
 
 
-def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1,
-                        image_size: int | None = None) -> ArrayTrainData:
+def labelled_train_data(train, cfg: Config, rank: int = 0, world_size: int = 1) -> ArrayTrainData:
     """Batches {"image", "label"} over a `LabelledSet`, for supervised pretraining of a third tower."""
     keys = [f"labelled-{i:07d}" for i in range(len(train.labels))]
     return ArrayTrainData(train.images, {"label": torch.as_tensor(train.labels, dtype=torch.long)}, keys, cfg,
-                          rank, world_size, image_size)
+                          rank, world_size)
 
 
 class StreamTrainData:
@@ -202,7 +245,7 @@ class StreamTrainData:
     by row for a stream, so lit/3t need `data.third_embeddings=online` (the trainer runs h).
     """
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, third_size: int = 0) -> None:
         if cfg.model.method != "clip" and cfg.data.third_embeddings == "cache":
             raise ValueError(
                 f"data.shard_access=stream reads samples as a stream, so h's embeddings cannot be cached for "
@@ -214,7 +257,7 @@ class StreamTrainData:
         self.dataset = ShardPairs(
             cfg.data.path, cfg.model.image.image_size, augment=cfg.data.augment, resampled=cfg.data.resampled,
             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank, world_size=world_size,
-            max_bad_fraction=cfg.data.max_bad_fraction,
+            max_bad_fraction=cfg.data.max_bad_fraction, third_size=third_size if cfg.model.method != "clip" else 0,
         )
         # A generator: the shards are only read if a tokenizer has to be trained.
         shards = dataset_id("shards", [(u, os.path.getsize(u) if os.path.isfile(u) else None) for u in self.dataset.urls])
@@ -229,7 +272,10 @@ class StreamTrainData:
             for batch in loader:
                 empty = False
                 self.dataset.counter.merge(batch["bad_counts"])
-                yield {"image": batch["image"], "keys": batch["key"], "tokens": self.tokenizer(batch["caption"])}
+                out = {"image": batch["image"], "keys": batch["key"], "tokens": self.tokenizer(batch["caption"])}
+                if "third_image" in batch:
+                    out["third_image"] = batch["third_image"]
+                yield out
             if empty:
                 raise ValueError(
                     f"data.path={self.dataset.urls[0]!r}...: this rank got fewer than one batch "

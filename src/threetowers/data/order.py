@@ -14,9 +14,12 @@ straddles two epochs; nothing to store for an exact resume):
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def check_rows(num_rows: int, batch_size: int, what: str = "the training data") -> None:
@@ -123,3 +126,32 @@ def step_rows(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
             rows[place] = row
         seen.add(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- batches by step
+
+
+class _ByStep(Dataset):
+    """Item s: the batch at step s, as `make(s)` builds it."""
+
+    def __init__(self, make: Callable[[int], dict]):
+        self.make = make
+
+    def __getitem__(self, step: int) -> dict:
+        return self.make(step)
+
+
+class _Steps(Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+def step_loader(make: Callable[[int], dict], start_step: int, num_workers: int) -> DataLoader:
+    """Batches start_step, start_step + 1, ... without end: `num_workers` processes build them ahead
+    of the step (the training loop then waits only when they fall behind), into pinned memory when a
+    GPU will read them. Every data source with batches by step serves them through this."""
+    return DataLoader(_ByStep(make), batch_size=None, sampler=_Steps(start_step), num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers else None)

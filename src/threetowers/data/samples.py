@@ -156,22 +156,31 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     bad_counts: dict[str, dict] = {}
     for sample in samples:
         bad_counts.update(sample.get("bad_counts") or {})
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "bad_counts": bad_counts,
     }
+    if samples and "third_image" in samples[0]:
+        batch["third_image"] = torch.stack([s["third_image"] for s in samples])
+    return batch
 
 
 class SampleDecoder:
-    """Shared by both readers: (image source, caption) -> sample, or a counted skip."""
+    """Shared by both readers: (image source, caption) -> sample, or a counted skip.
 
-    def __init__(self, image_size: int, augment: bool, counter: BadSampleCounter, max_pixels: int) -> None:
+    `third_size` > 0 (h runs online): the sample also carries h's own pixels, `third_image`, decoded
+    exactly as h's embedding cache decodes them (a decoder of h's input size, no augmentation), so
+    online h and cached h see the same image whatever f sees."""
+
+    def __init__(self, image_size: int, augment: bool, counter: BadSampleCounter, max_pixels: int,
+                 third_size: int = 0) -> None:
         self.transform = image_transform(image_size, augment)
         self.keep_side = 2 * image_size  # decode large images at >= 2x the training size, no more
         self.counter = counter
         self.max_pixels = max_pixels
+        self.third = SampleDecoder(third_size, False, counter, max_pixels) if third_size else None
 
     def decode(self, image: bytes | Path | None, caption: bytes | str | None) -> tuple[torch.Tensor, str]:
         """(image float [3, S, S] in [0, 1], caption text), or `SampleError` naming the reason; uncounted."""
@@ -180,12 +189,20 @@ class SampleDecoder:
         text = clean_caption(caption)
         return self.transform(decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side)), text
 
+    def decode_views(self, image: bytes | Path | None, caption: bytes | str | None) -> dict:
+        """{"image", "caption"[, "third_image"]}, or `SampleError`; uncounted."""
+        pixels, text = self.decode(image, caption)
+        sample = {"image": pixels, "caption": text}
+        if self.third is not None:
+            sample["third_image"] = self.third.decode(image, caption)[0]
+        return sample
+
     def __call__(self, image: bytes | Path | None, caption: bytes | str | None, key: str, where: str) -> dict | None:
         try:
-            pixels, text = self.decode(image, caption)
+            sample = self.decode_views(image, caption)
         except SampleError as err:  # the caption's or the image's
             self.counter.bad(err.reason, where, err.detail)
             return None
         self.counter.ok()
-        return {"image": pixels, "caption": text, "key": key, "bad_counts": self.counter.snapshot()}
+        return {**sample, "key": key, "bad_counts": self.counter.snapshot()}
 

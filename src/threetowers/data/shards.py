@@ -63,6 +63,7 @@ class ShardPairs(IterableDataset):
         max_bad_fraction: float = 0.05,
         min_seen: int = MIN_SEEN,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        third_size: int = 0,
     ) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
@@ -76,7 +77,7 @@ class ShardPairs(IterableDataset):
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.counter = BadSampleCounter(max_bad_fraction, min_seen)
-        self.decode = SampleDecoder(image_size, augment, self.counter, max_pixels)
+        self.decode = SampleDecoder(image_size, augment, self.counter, max_pixels, third_size)  # h's pixels too
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -40,6 +40,10 @@ class SampleError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):
+        # Pickle (on_main sends rank 0's errors to the other ranks) would call __init__ with the message alone.
+        return type(self), (self.reason, self.detail), self.__dict__
+
 
 class ImageError(SampleError):
     """A sample whose image cannot be used."""

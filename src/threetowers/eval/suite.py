@@ -59,8 +59,9 @@ def image_encoders(model: Any, images, batch_size: int, device: torch.device, th
     when one of them runs our model's h; another library's model is called on the pixels."""
     plain_needs_h = getattr(model, "image_needs_third", False)
     h = None
-    if (plain_needs_h or mixing) and getattr(model, "third", None) is not None:
-        h = third_features.features(model.third, images, batch_size, device)
+    third = getattr(model, "third", None) or third_features.third
+    if (plain_needs_h or mixing) and third is not None:
+        h = third_features.features(third, images, batch_size, device)
 
     def cached(rows: slice) -> Tensor | None:
         return None if h is None else h[rows].to(device)

@@ -105,13 +105,14 @@ def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_siz
     return results
 
 
-def trainer_hook(cfg: Config, tokenizer: Callable) -> Callable[[Any, int], dict] | None:
-    """The trainer's periodic evaluation: `eval.tasks` with the run's tokenizer (None without tasks)."""
+def trainer_hook(cfg: Config, tokenizer: Callable, third: Any = None) -> Callable[[Any, int], dict] | None:
+    """The trainer's periodic evaluation: `eval.tasks` with the run's tokenizer (None without tasks).
+    `third`: h, for a model trained on cached embeddings that holds none."""
     names = [n for n in cfg.eval.tasks if cfg.data.source == "world" or n not in WORLD_TASKS]
     if not names:
         return None  # world tasks only make sense for models trained on the world
     state: dict[str, Any] = {}
-    third_features = EvalFeatures()  # h is frozen: its features of the sets serve every evaluation of the run
+    third_features = EvalFeatures(third)  # h is frozen: its features of the sets serve every evaluation of the run
 
     def hook(model: Any, step: int) -> dict:
         if not state:

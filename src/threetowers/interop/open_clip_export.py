@@ -175,14 +175,21 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
+def require_open_clip():
+    """open_clip, or the error that says how to get it (an optional dependency: imported here only)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise UnsupportedExport("checking an export needs open_clip: pip install open-clip-torch "
+                                "(or export with --no-check to skip the check)") from None
+    return open_clip
+
+
 def check_parity(model_dir: str | Path, out_dir: str | Path, texts: list[str] | None = None,
                  n_images: int = 8, seed: int = 0) -> dict[str, float]:
     """Load `out_dir` with open_clip and compare with our model on random images and on `texts`
     (open_clip's tokenizer against ours, then the embeddings): max |difference| per side, fp32."""
-    try:
-        import open_clip
-    except ImportError:
-        raise UnsupportedExport("checking an export needs open_clip: pip install open-clip-torch") from None
+    open_clip = require_open_clip()
     _, ours, tokenizer = load_saved(model_dir, mixing=False)
     theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out_dir}")
     their_tokenizer = open_clip.get_tokenizer(f"local-dir:{out_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from ..config import from_dict, to_dict
@@ -20,9 +21,9 @@ from ..towers.build import build_image_tower, build_text_tower
 from .three_towers import ThreeTowers, needed_embeddings
 
 
-def build_third(cfg: Config) -> ThirdTower | None:
-    """h of the config's method (None for CLIP), built from its source."""
-    return None if cfg.model.method == "clip" else load_third_tower(cfg.model.third)
+def build_third(cfg: Config, device: torch.device | str = "cpu") -> ThirdTower | None:
+    """h of the config's method (None for CLIP), built from its source on `device`."""
+    return None if cfg.model.method == "clip" else load_third_tower(cfg.model.third, device)
 
 
 def create_model(cfg: Config, third: ThirdTower | None = None, third_info: dict | None = None,

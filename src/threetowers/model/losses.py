@@ -1,9 +1,11 @@
 """Contrastive alignment terms and the weighted sum over them (CLIP, LiT and 3T are term lists).
 
-With `torch.distributed` initialised, each rank gathers the other ranks' embeddings *with
-gradient*, and computes its own rows against the global batch (labels offset by rank). The mean
-of the per-rank losses equals the single-process loss on the global batch, and DDP's gradient
-averaging then gives exactly the single-process gradient.
+The loss is local unless the training job says otherwise: `TermLoss.distribute(rank, world_size)`
+(as open_clip's `ClipLoss(rank, world_size)`) makes each rank gather the other ranks' embeddings
+*with gradient* and compute its own rows against the global batch (labels offset by rank). The mean
+of the per-rank losses then equals the single-process loss on the global batch, and DDP's gradient
+averaging gives exactly the single-process gradient. Nothing here looks at the process group by
+itself, so a loss computed on one rank alone (an evaluation hook's) never waits for the others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distributed import gather_with_grad, rank
+from ..core.distributed import gather_with_grad
 
 # Named embeddings a term can align; see shared/DESIGN.md.
 EMBEDDINGS = ("image", "text", "image_h", "text_h", "third_f", "third_g")
@@ -46,12 +48,14 @@ def method_terms(method: str, weights_3t: list[float] | tuple[float, ...] = (1 /
 
 def contrastive_loss(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | float | None = None,
-    kind: str = "softmax",
+    kind: str = "softmax", *, a_all: torch.Tensor | None = None, b_all: torch.Tensor | None = None, rank: int = 0,
 ) -> torch.Tensor:
     """Contrastive loss between L2-normalised `a`, `b` [N, D] (row i of a pairs with row i of b).
 
     softmax: ½ [CE(t·a bᵀ, diag) + CE(t·b aᵀ, diag)];  sigmoid: −(1/N) Σ_ij log σ(z_ij (t·a_i·b_j + bias)).
     `scale` is the multiplier t (not its log). Computed in fp32 whatever the autocast dtype.
+    `a_all`, `b_all`: every rank's rows in rank order (this rank's, `a` and `b`, at `rank` * N), to
+    contrast this rank's rows against; by default `a` and `b` themselves, a batch on one process.
     """
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"contrastive_loss needs two [N, D] batches of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -62,10 +66,10 @@ def contrastive_loss(
     # Autocast would run the logits' matmul in bf16; the loss is meant to be fp32 end to end.
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
+        a_all = a if a_all is None else a_all.float()
+        b_all = b if b_all is None else b_all.float()
         n = a.shape[0]
-        a_all, b_all = gather_with_grad(a), gather_with_grad(b)
-        offset = rank() * n
-        labels = torch.arange(n, device=a.device) + offset
+        labels = torch.arange(n, device=a.device) + rank * n
         if kind == "softmax":
             logits_ab = scale * a @ b_all.T
             logits_ba = scale * b @ a_all.T
@@ -77,27 +81,61 @@ def contrastive_loss(
 
 
 class TermLoss(nn.Module):
-    """The weighted sum of contrastive terms with learned temperatures (per term or shared)."""
+    """The weighted sum of contrastive terms with learned temperatures (per term or shared).
+
+    Local (rank 0 of 1) until `distribute` says which rank of how many this process is."""
 
     def __init__(self, terms: list[Term], kind: str = "softmax", temperature: str = "per_term",
-                 init_scale: float = 10.0, max_scale: float = 100.0, init_bias: float = -10.0):
+                 init_scale: float = 10.0, max_scale: float = 100.0, init_bias: float = -10.0,
+                 rank: int = 0, world_size: int = 1):
         super().__init__()
         self.terms, self.kind, self.max_scale = list(terms), kind, max_scale
         n = len(self.terms) if temperature == "per_term" else 1
         self.log_scale = nn.Parameter(torch.full((n,), math.log(init_scale)))
         self.bias = nn.Parameter(torch.full((n,), float(init_bias))) if kind == "sigmoid" else None
+        self.distribute(rank, world_size)
+
+    def distribute(self, rank: int, world_size: int) -> None:
+        """Contrast against the global batch of `world_size` ranks (gathered in forward); 0, 1: local only.
+        Every rank must then call forward together, as in a training step."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
 
     def scales(self) -> torch.Tensor:
-        scale = self.log_scale.float().exp()
-        return scale.clamp(max=self.max_scale) if self.max_scale else scale
+        # No clamp here: above the bound a clamp in the forward has zero gradient, and t could never
+        # come back down. The bound is kept on the parameter itself, after each update (`clamp_`).
+        return self.log_scale.float().exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep t <= loss.max_scale by clamping log t in place (as open_clip does after its optimizer
+        step); the trainer calls it after every update, through the model's `after_update`."""
+        if self.max_scale:
+            self.log_scale.clamp_(max=math.log(self.max_scale))
+
+    def gather(self, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's rows of each embedding the terms use, in one collective: the distinct tensors
+        (with model.third.heads=none, third_f and third_g are one) side by side as one fp32 [N, ΣD]."""
+        names = list(dict.fromkeys(name for t in self.terms for name in (t.a, t.b)))
+        if self.world_size == 1:
+            return {name: emb[name] for name in names}
+        distinct = list({id(emb[name]): emb[name] for name in names}.values())
+        with torch.autocast(distinct[0].device.type, enabled=False):
+            together = gather_with_grad(torch.cat([x.float() for x in distinct], dim=1), self.world_size)
+        parts = together.split([x.shape[1] for x in distinct], dim=1)
+        by_id = {id(x): part for x, part in zip(distinct, parts)}
+        return {name: by_id[id(emb[name])] for name in names}
 
     def forward(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scales = self.scales()
+        every = self.gather(emb)
         weighted, parts = [], {}
         for i, term in enumerate(self.terms):
             j = i if len(scales) > 1 else 0
             bias = self.bias[j].float() if self.bias is not None else None
-            loss = contrastive_loss(emb[term.a], emb[term.b], scales[j], bias, self.kind)
+            loss = contrastive_loss(emb[term.a], emb[term.b], scales[j], bias, self.kind,
+                                    a_all=every[term.a], b_all=every[term.b], rank=self.rank)
             parts[f"loss/{term.name}"] = loss.detach()
             parts[f"scale/{term.name}"] = scales[j].detach()
             weighted.append(term.weight * loss)

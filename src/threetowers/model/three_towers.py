@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.sets import resize_batch
+from ..core.sets import image_floats, resize_batch
 from ..schema import Config
 from ..third.tower import ThirdTower
 from ..towers.heads import make_head
@@ -67,7 +67,8 @@ class ThreeTowers(nn.Module):
     # ------------------------------------------------------------------ embeddings
 
     def third_features(self, images: torch.Tensor | None, cached: torch.Tensor | None = None) -> torch.Tensor:
-        """h's pre-logits: from the cache when given, else by running the frozen h."""
+        """h's pre-logits: from the cache when given, else by running the frozen h on `images` (h's
+        own pixels: any size, resized and normalised by h)."""
         dim = self.third_info["dim"]
         if cached is not None:
             if cached.ndim != 2 or cached.shape[1] != dim:
@@ -80,11 +81,14 @@ class ThreeTowers(nn.Module):
         return self.third(images)
 
     def embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
-        """All named embeddings the terms need, L2-normalised. batch: image, tokens, optional third."""
+        """All named embeddings the terms need, L2-normalised. batch: image (uint8 [B, H, W, 3] as
+        stored, or float [B, 3, H, W] in [0, 1]; any size, resized here to f's on the batch's device),
+        tokens, and for h either its cached embeddings `third` or its own pixels `third_image`
+        (without them, h runs on `image`)."""
         needed = self.used
         out: dict[str, torch.Tensor] = {}
         if needed & {"image", "image_h"}:
-            f = self.image_tower(batch["image"])
+            f = self.image_tower(resize_batch(image_floats(batch["image"]), self.cfg.model.image.image_size))
             if "image" in needed:
                 out["image"] = self.proj_image(f)
             if "image_h" in needed:
@@ -95,11 +99,19 @@ class ThreeTowers(nn.Module):
         if "text_h" in needed:
             out["text_h"] = self.adapt_text(g)
         if needed & {"third_f", "third_g"}:
-            h = self.third_features(batch.get("image"), batch.get("third"))
+            h = self.third_features(batch.get("third_image", batch.get("image")), batch.get("third"))
             if "third_f" in needed:
                 out["third_f"] = self.third_head_f(h) if self.third_head_f is not None else h
             out["third_g"] = self.third_head_g(h) if self.third_head_g is not None else h
-        return {k: F.normalize(v.float(), dim=-1) for k, v in out.items()}
+        # Each distinct tensor normalised once: with heads=none, third_f and third_g stay one tensor,
+        # which the loss then gathers across ranks once.
+        distinct = {id(v): v for v in out.values()}
+        normed = {i: F.normalize(v.float(), dim=-1) for i, v in distinct.items()}
+        return {k: normed[id(v)] for k, v in out.items()}
+
+    def after_update(self) -> None:
+        """Called by the trainer after every optimizer step: the temperatures back within loss.max_scale."""
+        self.loss.clamp_()
 
     def forward(self, batch: dict) -> dict:
         emb = self.embeddings(batch)
@@ -117,7 +129,7 @@ class ThreeTowers(nn.Module):
         `cached`: h's features of these images, for LiT (whose image side is h)."""
         if self.image_needs_third:
             return self.encode_image_third(images, cached)
-        images = resize_batch(images, self.cfg.model.image.image_size)  # as in training, for any tower kind
+        images = resize_batch(image_floats(images), self.cfg.model.image.image_size)  # as in training, for any tower kind
         return F.normalize(self.proj_image(self.image_tower(images)).float(), dim=-1)
 
     @torch.no_grad()

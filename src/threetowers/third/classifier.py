@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.sets import image_floats, resize_batch
 from ..core.formats import CLASSIFIER_FORMAT, load_weights, read_meta, save_safetensors_atomic, saved_dir, write_meta
 from ..schema import ImageTowerConfig, fill_added_fields
 from ..towers.build import build_image_tower
@@ -44,8 +45,10 @@ class Classifier(nn.Module):
         return self.head(self.forward_features(images))
 
     def forward(self, batch: dict) -> dict:
-        """batch: image [B, 3, S, S] in [0, 1], label Long [B] -> loss (fp32 cross-entropy), top-1 acc."""
-        logits = self.logits(batch["image"]).float()  # CE in fp32 even under bf16 autocast
+        """batch: image (uint8 [B, H, W, 3] as stored, or float [B, 3, H, W] in [0, 1], any size),
+        label Long [B] -> loss (fp32 cross-entropy), top-1 acc."""
+        images = resize_batch(image_floats(batch["image"]), self.image_cfg.image_size)  # on the batch's device
+        logits = self.logits(images).float()  # CE in fp32 even under bf16 autocast
         labels = batch["label"]
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(dim=-1) == labels).float().mean().detach()

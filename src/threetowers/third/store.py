@@ -8,7 +8,8 @@ trainer's periodic evaluation, one `threetowers eval`) passes to every model it 
 The training cache:
 
 Layout of a cache directory:
-    manifest.json      h's identity (name, weights fingerprint, preprocessing, dim, dtype),
+    manifest.json      h's identity (name, weights fingerprint, preprocessing, dim, precision,
+                       pixels), the dtype,
                        the dataset's identity, the shard list; written first with
                        "complete": false, rewritten with "complete": true at the end (atomically)
     shard_00000.npy    float16 [rows, dim] embeddings, in key order
@@ -18,13 +19,22 @@ Building is resumable: shards are written one at a time (temp file + rename) and
 the shards that exist and match. A cache whose manifest does not match the requested h or dataset
 is refused with an error naming the mismatch; there is never a silent fallback to stale features.
 
-Caching is exact only when h sees un-augmented images; with `data.augment=true` and
-`data.third_embeddings=cache`, h sees the plain (center-cropped) image while f sees the augmented
-one. Choose `data.third_embeddings=online` to run h on the augmented batch instead.
+What h sees is fixed by h alone, never by f: each image decoded at h's own input size (short side
+resized, center crop, no augmentation; arrays held in memory, such as the world's, resized from
+their stored size), then h's normalisation, at h's precision. The same pixels reach h when it runs
+online (`data.third_embeddings=online`), so the two modes give the same embeddings; with
+`data.augment=true` f sees augmented crops while h sees the plain image, in both modes. Everything
+that decides h's input (h's identity with its preprocessing and precision, and `THIRD_PIXELS`) is
+part of the cache's identity: a change of any of it builds the cache again.
+
+Building runs h on h's device (the rank's GPU under torchrun), `data.cache_batch_size` images at a
+time. The cache stores float16: values it cannot hold (non-finite, or beyond +-65504) stop the build
+with an error rather than being written as inf.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -42,9 +52,33 @@ class CacheMismatch(ValueError):
     """The cache on disk was made by another h, preprocessing or dataset."""
 
 
+# How the data turns a sample into h's pixels (see above); change the tag when that changes, so
+# that every cache made the old way is refused and rebuilt.
+THIRD_PIXELS = "decoded-at-h-input-size-v1"
+THIRD_IDENTITY = ("name", "fingerprint", "preprocessing", "dim", "precision")
+FLOAT16_MAX = 65504.0
+
+
+def third_identity(third_info: dict) -> dict:
+    """What of h decides its cached embeddings (an h saved before precision was recorded: fp32)."""
+    return {**{k: third_info.get(k) for k in THIRD_IDENTITY}, "precision": third_info.get("precision", "fp32"),
+            "pixels": THIRD_PIXELS}
+
+
+def to_float16(features: torch.Tensor, third_name: str, where: str) -> np.ndarray:
+    """h's float32 features as the cache's float16, refusing what float16 cannot hold."""
+    bad = ~torch.isfinite(features) | (features.abs() > FLOAT16_MAX)
+    if bad.any():
+        rows = bad.any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"h ({third_name}) gave embeddings float16 cannot store (non-finite, or beyond +-65504) for "
+                         f"{len(rows)} image(s) of {where} (batch rows {rows[:5]}); the cache holds float16. Check h's "
+                         "weights and its preprocessing, or use data.third_embeddings=online")
+    return features.numpy().astype(np.float16)
+
+
 def cache_identity(third_info: dict, dataset_id: str, num_rows: int) -> dict:
     return stamp(CACHE_FORMAT, {
-        "third": {k: third_info[k] for k in ("name", "fingerprint", "preprocessing", "dim")},
+        "third": third_identity(third_info),
         "dataset": dataset_id,
         "rows": num_rows,
         "dtype": "float16",
@@ -62,8 +96,8 @@ def _check(manifest: dict, expected: dict, directory: Path) -> None:
                 f"embedding cache {directory} was built for {field}={manifest.get(field)!r}, "
                 f"but this run needs {expected[field]!r}; delete it or choose another data.cache_dir"
             )
-    for field in ("name", "fingerprint", "preprocessing", "dim"):
-        have, want = manifest["third"].get(field), expected["third"][field]
+    for field, want in expected["third"].items():
+        have = manifest["third"].get(field)
         if have != want:
             raise CacheMismatch(
                 f"embedding cache {directory} was built with third tower {field}={have!r}, but this run's h has "
@@ -73,7 +107,10 @@ def _check(manifest: dict, expected: dict, directory: Path) -> None:
 
 def cache_dir_for(root: str | Path, third_info: dict, dataset_id: str) -> Path:
     """One sub-directory per (h, dataset), so several third towers share a cache root."""
-    tag = f"{third_info['name']}-{third_info['fingerprint'][:10]}-{third_info['preprocessing']['input_size']}"
+    # A hash of h's whole identity: any change of it (weights, preprocessing, precision, pixels) gets a
+    # directory of its own, so the cache is built again rather than refused.
+    digest = hashlib.sha256(json.dumps(third_identity(third_info), sort_keys=True).encode()).hexdigest()[:10]
+    tag = f"{third_info['name']}-{digest}-{third_info['preprocessing']['input_size']}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
     return Path(root) / safe / dataset_id
 
@@ -91,7 +128,8 @@ def build_feature_cache(
 ) -> "FeatureCache":
     """Run h over all rows and store its embeddings; resumes a build that was interrupted.
 
-    `images(start, stop)` returns rows [start, stop) as float [B, 3, H, W] in [0, 1].
+    `images(start, stop)` returns rows [start, stop) on the CPU, uint8 [B, H, W, 3] or float
+    [B, 3, H, W] in [0, 1]; `third` is a `ThirdTower` (they go to its device) or any callable on them.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -113,10 +151,12 @@ def build_feature_cache(
             bar.update(stop - start)
             continue
         chunks = []
+        embed = getattr(third, "embed", third)
         for s in range(start, stop, batch_size):
             with torch.no_grad():
-                chunks.append(third(images(s, min(s + batch_size, stop))).float().cpu().numpy().astype(np.float16))
-            bar.update(chunks[-1].shape[0])
+                features = embed(images(s, min(s + batch_size, stop))).float().cpu()
+            chunks.append(to_float16(features, third_info["name"], f"rows {s}..{s + len(features) - 1} of {directory}"))
+            bar.update(len(features))
         with atomic_path(path) as tmp:
             np.save(tmp, np.concatenate(chunks))
     bar.close()
@@ -180,9 +220,13 @@ class EvalFeatures:
     periodic evaluation) then runs h once per set instead of once per model. A set is identified by
     its array object (held here, so the identity cannot be reused), h by its fingerprint and
     preprocessing. Nothing is global: whoever creates the store decides what it serves.
+
+    `third`: the h to use for a model that holds none (trained on cached embeddings, whose h is kept
+    off the accelerator while it trains); it visits the evaluation's device only to fill the store.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, third=None) -> None:
+        self.third = third
         self._sets: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}
 
     def features(self, third: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
@@ -192,9 +236,17 @@ class EvalFeatures:
         held = self._sets.get(key)
         if held is not None and held[0] is images:
             return held[1]
-        with torch.no_grad():
-            chunks = [third(as_float(images[s:s + batch_size]).to(device)).float().cpu()
-                      for s in range(0, len(images), batch_size)]
+        home = getattr(third, "device", None)
+        moved = home is not None and home != torch.device(device)
+        if moved:
+            third.to(device)
+        try:
+            with torch.no_grad():
+                chunks = [third(as_float(images[s:s + batch_size]).to(device)).float().cpu()
+                          for s in range(0, len(images), batch_size)]
+        finally:
+            if moved:
+                third.to(home)
         features = torch.cat(chunks) if chunks else torch.zeros(0, third.dim)
         self._sets[key] = (images, features)
         return features
@@ -232,10 +284,10 @@ class ShardEmbeddings:
             meta = check_format(json.loads(meta_path.read_text()), CACHE_FORMAT, meta_path)
         except ValueError as err:
             return None, f"its record is unreadable ({err})"
-        expected = {k: third_info[k] for k in ("name", "fingerprint", "preprocessing", "dim")}
-        for field, have in meta.get("third", {}).items():
-            if expected.get(field) != have:
-                return None, f"it was built with another h ({field} {have!r} -> {expected.get(field)!r})"
+        recorded = meta.get("third", {})
+        for field, want in third_identity(third_info).items():
+            if recorded.get(field) != want:
+                return None, f"it was built with another h or for other pixels ({field} {recorded.get(field)!r} -> {want!r})"
         for field in ("size", "mtime_ns", "edges"):
             if meta.get("shard", {}).get(field) != shard.get(field):
                 return None, f"the shard was rewritten since ({field} {meta['shard'].get(field)} -> {shard.get(field)})"
@@ -254,8 +306,8 @@ class ShardEmbeddings:
               batches: Iterable[dict]) -> "ShardEmbeddings":
         """Run h over one shard's decoded rows and write its two files atomically (.json last).
 
-        `batches` yields {"rows": int tensor, "image": float [b, 3, S, S] in [0, 1], "bad": {row: reason}}
-        covering every row once; bad rows get zeros and are recorded."""
+        `batches` yields {"rows": int tensor, "image": float [b, 3, S, S] in [0, 1] at h's input size,
+        "bad": {row: reason}} covering every row once; bad rows get zeros and are recorded."""
         info = third.info()
         embeddings = np.zeros((rows, info["dim"]), np.float16)
         bad: dict[int, str] = {}
@@ -263,9 +315,8 @@ class ShardEmbeddings:
         for batch in batches:
             bad.update({int(r): reason for r, reason in batch["bad"].items()})
             if len(batch["rows"]):
-                with torch.no_grad():
-                    out = third(batch["image"]).float().cpu().numpy().astype(np.float16)
-                embeddings[batch["rows"].numpy()] = out
+                features = third.embed(batch["image"])
+                embeddings[batch["rows"].numpy()] = to_float16(features, info["name"], f"shard {shard['path']}")
             done += len(batch["rows"]) + len(batch["bad"])
         if done != rows:
             raise RuntimeError(f"embedding build of shard {shard['path']}: {done} of {rows} rows came back")
@@ -273,6 +324,6 @@ class ShardEmbeddings:
         with atomic_path(npy) as tmp:
             np.save(tmp, embeddings)
         write_meta(meta_path, CACHE_FORMAT, {
-            "third": {k: info[k] for k in ("name", "fingerprint", "preprocessing", "dim")}, "shard": shard,
+            "third": third_identity(info), "shard": shard,
             "rows": rows, "dtype": "float16", "bad": {str(r): reason for r, reason in sorted(bad.items())}})
         return cls(np.load(npy, mmap_mode="r"), bad)

@@ -4,7 +4,12 @@ Every source (`third/sources.py`) returns a `FrozenImageModel`: a module mapping
 images at its input size to pooled features `[B, D]`, plus the preprocessing it expects and a
 weights fingerprint. `ThirdTower` takes images in [0, 1] at whatever size the data has, applies h's
 own resize and normalisation, and runs the module frozen, in eval mode, under `torch.no_grad()`.
-`load_third_tower` is the one function that builds h from a config.
+`load_third_tower` is the one function that builds h from a config, on the device it will run on.
+
+h's precision is part of its identity (`info()["precision"]`, so part of the cache's): bf16
+autocast where h allows it (`model.third.precision`, auto = bf16 on CUDA, fp32 on the CPU), set by
+h itself whatever autocast the caller runs under, so that an h run online and the same h building
+a cache compute the same thing.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import hashlib
 import torch
 from torch import nn
 
-from ..core.sets import resize_batch
+from ..core.sets import image_floats, resize_batch, to_device
 from .registry import FrozenImageModel, Preprocessing, get_source
 
 
@@ -29,8 +34,22 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`model.third.precision` on `device`: auto -> bf16 on CUDA (h's throughput), fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"model.third.precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
 def preprocess(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """[0, 1] images at any size -> h's input: resized to prep.input_size and normalised."""
+    """Images (uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1]) at any size -> h's input: resized
+    to prep.input_size and normalised."""
+    images = image_floats(images)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"third tower expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
     images = resize_batch(images.float(), prep.input_size, prep.interpolation)
@@ -42,8 +61,11 @@ def preprocess(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 class ThirdTower(nn.Module):
     """A frozen image model: eval mode always, no gradients, never in the optimizer."""
 
-    def __init__(self, source: FrozenImageModel):
+    def __init__(self, source: FrozenImageModel, precision: str = "fp32"):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"ThirdTower precision {precision!r}; expected fp32 or bf16 (resolve auto first)")
+        self.precision = precision
         self.module = source.module
         self.dim = source.dim
         self.preprocessing = source.preprocessing
@@ -62,14 +84,27 @@ class ThirdTower(nn.Module):
         self.module.eval()
         return self
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters(), torch.empty(0)).device
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.module(preprocess(images, self.preprocessing).contiguous(memory_format=torch.channels_last))
+        """h's pre-logits, float32 [B, D], of images on h's device (uint8 [B, H, W, 3] or float
+        [B, 3, H, W] in [0, 1], any size). Its own precision, whatever autocast surrounds the call."""
+        inputs = preprocess(images, self.preprocessing).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            features = self.module(inputs)
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(
                 f"third tower {self.name} returned shape {tuple(features.shape)}; expected [B, {self.dim}] pre-logits"
             )
-        return features
+        return features.float()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """h's pre-logits of a CPU batch, back on the CPU: the batch goes to h's device (pinned,
+        non-blocking on CUDA) as it is given, so uint8 batches ship a quarter of the bytes."""
+        return self(to_device(images, self.device)).cpu()
 
     def info(self) -> dict:
         return {
@@ -77,16 +112,18 @@ class ThirdTower(nn.Module):
             "dim": self.dim,
             "preprocessing": self.preprocessing.to_dict(),
             "fingerprint": self.fingerprint,
+            "precision": self.precision,
         }
 
 
-def load_third_tower(cfg) -> ThirdTower:
-    """Build h from a `ThirdTowerConfig` (source, name, path, input_size) through the registry."""
+def load_third_tower(cfg, device: torch.device | str = "cpu") -> ThirdTower:
+    """Build h from a `ThirdTowerConfig` (source, name, path, input_size, precision) through the
+    registry, on `device` (where it runs: the rank's GPU for a cache build or online h)."""
     frozen = get_source(cfg.source)(cfg)
     if cfg.input_size:
         p = frozen.preprocessing
         frozen.preprocessing = Preprocessing(int(cfg.input_size), p.mean, p.std, p.interpolation)
-    return ThirdTower(frozen)
+    return ThirdTower(frozen, resolve_precision(getattr(cfg, "precision", "auto"), device)).to(device)
 
 
 def check_same_third(recorded: dict | None, found: dict | None, where: str) -> None:

@@ -306,25 +306,45 @@ def load_train_state(directory: str | Path) -> dict:
 # ----------------------------------------------------------------------------- RNG states
 
 
-def rng_state() -> dict:
-    """This process's torch / CUDA / numpy / python RNG states, as tensors and plain lists
-    (so that train_state.pt loads with weights_only=True)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's torch / CUDA (of its device) / numpy / python RNG states, as tensors and plain
+    lists (so that train_state.pt loads with weights_only=True). `device`: the process's device
+    (default: the current CUDA device when there is one)."""
+    device = _rng_device(device)
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "gauss": float(gauss)},
         "python": [version, list(internal), gauss_next],
     }
 
 
-def set_rng_state(state: dict) -> None:
+def _rng_device(device: torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> list[str]:
+    """Restore what `rng_state` saved; returns notes on what could not be restored (for the log)."""
+    device = _rng_device(device)
+    notes = []
+    cuda = state.get("cuda") or []
+    if device.type == "cuda":
+        # One entry: this process's device. Older checkpoints held every visible device's state.
+        index = 0 if len(cuda) == 1 else device.index
+        if index is not None and index < len(cuda):
+            torch.cuda.set_rng_state(cuda[index], device)
+        else:
+            notes.append("the checkpoint holds no CUDA RNG state for this process's device (it was written on the CPU "
+                         "or with fewer devices); CUDA random streams start anew, so the run is not bit-identical to "
+                         "an uninterrupted one")
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+    return notes

@@ -1,7 +1,9 @@
 """The contrastive job: CLIP, LiT and 3T (one `ThreeTowers` model, configured) through the trainer.
 
-`train` builds h once (`model/factory.build_third`), the data (with h's embedding cache), the model
-and the periodic evaluation, then hands a `Job` to `trainer.run`.
+`train` checks that the output directory can be resumed, builds h once on the rank's device
+(`model/factory.build_third`), the data (with h's embedding cache), the model and the periodic
+evaluation, then hands a `Job` to `trainer.run`. A model trained on cached embeddings holds only h's
+identity while it trains (no copy of h on the accelerator); h is attached again to the model returned.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from torch import nn
 
 from ..config import check_eval_paths, resolve_config
 from ..core.distributed import init_distributed, on_main, shutdown
-from ..data.loader import build_train_data
+from ..data.loader import build_train_data, caches_third
 from ..eval.tasks import trainer_hook
 from ..model.factory import build_third, create_model, load_model_weights, save_model
 from ..schema import Config
 from .checkpoint import CheckpointError, check_writable
-from .trainer import Evaluate, Job, TrainData, TrainResult, run, runtime
+from .trainer import Evaluate, Job, TrainData, TrainResult, check_resume_early, run, runtime
 
 
 def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:
@@ -53,16 +55,22 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
     replace the ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
     """
     cfg = resolve_config(cfg_or_preset, overrides)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
         with runtime(cfg, info):
             on_main(info, lambda: check_writable(cfg.train.output_dir))
             check_eval_paths(cfg.eval)
-            third = third if third is not None else build_third(cfg)
+            check_resume_early(cfg, info)  # before any data or cache work: minutes, at scale
+            # h on the rank's device: its cache is built there (and online h runs there).
+            third = third.to(info.device) if third is not None else build_third(cfg, info.device)
             t0 = time.perf_counter()
+            cached = False
             if data is None:
                 data = build_train_data(cfg, info.rank, info.world_size, third=third)
-                evaluate = evaluate or trainer_hook(cfg, data.tokenizer)
+                cached = caches_third(cfg, third)
+                if cached:  # no step runs h: keep it off the accelerator (evaluation borrows it)
+                    third = third.cpu()
+                evaluate = evaluate or trainer_hook(cfg, data.tokenizer, third)
             data_seconds = time.perf_counter() - t0
             tokenizer: Any = getattr(data, "tokenizer", None)
             if tokenizer is not None:
@@ -70,9 +78,12 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
                 on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-                model = create_model(cfg, third=third)
+                model = create_model(cfg, third=None if cached else third, third_info=third.info() if cached else None)
+            model.loss.distribute(info.rank, info.world_size)  # the loss gathers over the ranks
             job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
             result = run(cfg, job, info, evaluate)
+        if cached:  # the model handed back is whole: h on its device, as a model built with h would be
+            result.model.third = third.to(info.device)
         result.tokenizer, result.data_seconds = tokenizer, data_seconds
         return result
     finally:

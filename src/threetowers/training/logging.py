@@ -25,6 +25,7 @@ class RunLogger:
                  progress: bool = True, tensorboard: bool = True, desc: str = "train"):
         self.enabled = enabled
         self.bar = None
+        self._loss = "-"  # the last logged loss, shown beside the progress bar
         self.writer = None
         self.jsonl = None
         if not enabled:
@@ -40,16 +41,19 @@ class RunLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not progress, smoothing=0.1)
 
-    def step(self, step: int, loss: float, samples_per_s: float) -> None:
-        """Advance the bar by one step (step = steps done so far)."""
+    def step(self, step: int, samples_per_s: float) -> None:
+        """Advance the bar by one step (step = steps done so far). The loss beside it is the last
+        logged one: reading it every step would cost a host sync per step on a GPU."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
+            self.bar.set_postfix(loss=self._loss, samples_s=f"{samples_per_s:.0f}", refresh=False)
 
     def log(self, step: int, metrics: dict[str, float], line: bool = True) -> None:
         """One record: JSONL line, TensorBoard scalars and (optionally) a human-readable line."""
         if not self.enabled:
             return
+        if isinstance(metrics.get("train/loss"), float):
+            self._loss = f"{metrics['train/loss']:.4f}"
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record, default=str) + "\n")
         self.jsonl.flush()

@@ -39,14 +39,14 @@ def pretrain(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | N
     """Train a classifier as configured; result["heldout_top1"] is its held-out top-1 accuracy.
     The model is saved to <output_dir>/model and loads as h with model.third.source=checkpoint."""
     cfg = resolve_config(cfg_or_preset, overrides)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
         with runtime(cfg, info):
             on_main(info, lambda: check_writable(cfg.train.output_dir))
             t0 = time.perf_counter()
             train_set, heldout = labelled_sets(cfg)
             size = cfg.model.image.image_size
-            data = labelled_train_data(train_set, cfg, info.rank, info.world_size, image_size=size)
+            data = labelled_train_data(train_set, cfg, info.rank, info.world_size)
             data_seconds = time.perf_counter() - t0
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)

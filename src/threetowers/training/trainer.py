@@ -18,6 +18,7 @@ bit for bit. On CPU a killed and resumed run ends with the same weights as an un
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -121,16 +123,20 @@ def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
     try:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        seed = cfg.train.seed + info.rank
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(cfg.train.seed + info.rank)
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         yield
     finally:
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def seed_everything(seed: int) -> None:
+    """python, NumPy and torch (CPU and every CUDA device) RNGs of this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _report(info: DistInfo) -> Callable[[str], None]:
@@ -191,24 +197,28 @@ def forward_backward(model: nn.Module, batch: dict, grad_accum: int, device: tor
 
 
 class _Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines, kept on the device: the host reads them once per log line."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.counted = 0  # steps whose values were added (a skipped step adds timings only)
         self.steps = 0
         self.data_s = self.step_s = 0.0
 
-    def add(self, values: dict[str, float], data_s: float, step_s: float) -> None:
-        for k, v in values.items():  # a skipped step adds timings but no values
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
+    def add(self, keys: list[str], values: torch.Tensor | None, data_s: float, step_s: float) -> None:
+        if values is not None:
+            self.keys = keys
+            self.sums = values if self.sums is None else self.sums + values
+            self.counted += 1
         self.steps += 1
         self.data_s += data_s
         self.step_s += step_s
 
     def means(self) -> dict[str, float]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
+        if self.sums is None:
+            return {}
+        return {k: v / self.counted for k, v in zip(self.keys, self.sums.tolist())}
 
 
 def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None) -> TrainResult:
@@ -222,16 +232,23 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
 
     # --- resume: rank 0 picks the checkpoint, every rank loads it (output_dir is shared storage)
     resume_from = on_main(info, lambda: _str_or_none(find_resume(out, tc.resume, report)))
-    start, skipped = 0, 0
+    start, skipped, bad_before = 0, 0, {}
     if resume_from is not None:
         state = load_train_state(resume_from)
         _check_resumable(state, cfg, info, report)
         job.load_weights(model, Path(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
         start, skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
+        rngs = state["rng"]
+        if info.rank < len(rngs):
+            for note in set_rng_state(rngs[info.rank], info.device):
+                report(f"note: {note}")
+        else:  # a rank the checkpoint did not have: a stream of its own, never a copy of another rank's
+            seed_everything(_fresh_seed(cfg.train.seed, info.rank, start))
+            report(f"note: ranks {len(rngs)}..{info.world_size - 1} had no RNG state in the checkpoint; seeded anew")
+        # The bad samples counted before the checkpoint (totals over ranks), so that counts go on from there.
+        bad_before = {str(k): int(v) for k, v in state.get("bad_samples", {}).items()} if info.is_main else {}
         report(f"resuming from {resume_from} at step {start}")
 
     n_train = sum(p.numel() for p in trainable)
@@ -263,19 +280,34 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
     window, last_logged, last_eval = _Window(), {}, {}
     last_ckpt = resume_from
 
+    def bad_counts() -> dict[str, int]:
+        return _sum_counts([bad_before] + gather_objects(_bad_samples(job.data), info))
+
     def checkpoint(step: int) -> str:
-        rngs = gather_objects(rng_state(), info)  # every rank's RNG, restored per rank on resume
+        rngs = gather_objects(rng_state(info.device), info)  # every rank's RNG, restored per rank on resume
+        bad = bad_counts()
+        check_finite(step)
 
         def write(tmp: Path) -> None:
             job.save_model(model, tmp)
             state = {"step": step, "world_size": info.world_size, "job": job.name,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-                     "nonfinite_skipped": skipped, "config": to_dict(cfg)}
+                     "nonfinite_skipped": skipped, "bad_samples": bad, "config": to_dict(cfg)}
             torch.save(state, tmp / TRAIN_STATE)
             (tmp / "config.yaml").write_text(to_yaml(cfg))
 
         return on_main(info, lambda: str(save_checkpoint(out, step, write, tc.keep_checkpoints)))
 
+    def check_finite(step: int) -> None:
+        # Nothing non-finite is ever written. Checked here rather than after every update (hundreds of
+        # small kernels and a host sync per step); a bad update shows in the next step's loss anyway.
+        if not _all_finite(trainable):
+            raise TrainingStopped(
+                f"the weights are non-finite at step {step} (an update overflowed; lr {scheduler.get_last_lr()[0]:.3g}); "
+                f"stopped before writing anything from them. The last good checkpoint is "
+                f"{last_ckpt or 'none (none was written yet)'}; resume from it with a lower optim.lr")
+
+    after_update = getattr(model, "after_update", lambda: None)  # e.g. keeps the temperatures in range
     batches: Iterator[dict] = iter(job.data.batches(start))
     flops_per_pair: float | None = None
     consecutive = 0  # skipped steps in a row
@@ -296,23 +328,17 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 flops_per_pair = train_flops_per_pair(model, batch, info.device)
             stats = forward_backward(step_model, batch, tc.grad_accum, info.device, tc.precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
-            keys = sorted(stats)
-            values = all_mean(torch.stack([stats[k] for k in keys] + [grad_norm.float().reshape(())]), info).tolist()
-            metrics = {f"train/{k}": v for k, v in zip(keys, values)}
-            metrics["train/grad_norm"] = values[-1]
+            keys = [f"train/{k}" for k in sorted(stats)] + ["train/grad_norm"]
+            values = all_mean(torch.stack([stats[k] for k in sorted(stats)] + [grad_norm.float().reshape(())]), info)
             lr = scheduler.get_last_lr()[0]
             done = step + 1
-            if all(math.isfinite(v) for v in values):
+            # The step's one host sync: one flag, decided on the device (the metrics stay there until a log line).
+            if bool(torch.isfinite(values).all()):
                 optimizer.step()
+                after_update()
                 consecutive = 0
-                if not _all_finite(trainable):
-                    # The update itself overflowed (e.g. a huge learning rate); it cannot be skipped after the
-                    # fact, and no checkpoint is ever written from these weights.
-                    raise TrainingStopped(
-                        f"the update at step {done} made weights non-finite (lr {lr:.3g}, grad norm {values[-1]:.4g}); "
-                        f"stopped before writing anything from them. The last good checkpoint is "
-                        f"{last_ckpt or 'none (none was written yet)'}; resume from it with a lower optim.lr")
             else:
+                metrics = dict(zip(keys, values.tolist()))
                 detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
                                    if k.startswith(("train/loss", "train/grad_norm")))
                 if tc.on_nonfinite == "stop":
@@ -330,15 +356,15 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                         f"gradient (limits: train.max_consecutive_skips={tc.max_consecutive_skips}, "
                         f"train.max_skipped_steps={tc.max_skipped_steps}); the run is not learning. The last good "
                         f"checkpoint is {last_ckpt or 'none (none was written yet)'}; lower optim.lr or check the data")
-                metrics = {}
+                values = None
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             t_step = time.perf_counter() - t0
-            window.add(metrics, t_data, t_step)
-            logger.step(done, metrics.get("train/loss", math.nan), tc.batch_size / max(t_step, 1e-9))
+            window.add(keys, values, t_data, t_step)
+            logger.step(done, tc.batch_size / max(t_step, 1e-9))
 
             if done % tc.log_every == 0 or done == tc.steps:
-                bad = _sum_counts(gather_objects(_bad_samples(job.data), info))
+                bad = bad_counts()
                 last_logged = {
                     **window.means(), "train/lr": lr, "train/samples_per_s": tc.batch_size * window.steps / window.step_s,
                     "time/data_s": window.data_s / window.steps, "time/step_s": window.step_s / window.steps,
@@ -363,6 +389,8 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         if start >= tc.steps and evaluate is not None:
             last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), start))
         model_dir = out / "model"
+
+        check_finite(max(start, tc.steps))
 
         def write_final() -> None:
             with atomic_directory(model_dir, {"step": max(start, tc.steps)}) as tmp:
@@ -404,6 +432,10 @@ def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
     return total
 
 
+def _fresh_seed(seed: int, rank: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:4], "little")
+
+
 def _evaluate(evaluate: Evaluate, model: nn.Module, step: int) -> dict[str, Any]:
     """Run the hook in eval mode, without gradients, without disturbing the training RNG streams."""
     saved = rng_state()
@@ -423,13 +455,34 @@ def _evaluate(evaluate: Evaluate, model: nn.Module, step: int) -> dict[str, Any]
     return out
 
 
+def check_resume_early(cfg: Config, info: DistInfo) -> None:
+    """Refuse, before any data or cache work, a checkpoint this run would resume but could not: one
+    trained with another model config (h's settings included). The text tower's vocabulary size comes
+    from the tokenizer, built with the data; `run` checks it, with everything else, when it resumes."""
+    def check() -> None:
+        found = find_resume(Path(cfg.train.output_dir), cfg.train.resume, _report(info))
+        if found is not None:
+            written = Path(found) / "config.yaml"  # the config alone: train_state.pt can be gigabytes
+            saved = OmegaConf.to_container(OmegaConf.load(written)) if written.is_file() else \
+                load_train_state(found).get("config", {})
+            _check_model(saved.get("model", {}), to_dict(cfg)["model"], found, ignore=("model.text.vocab_size",))
+
+    on_main(info, check)
+
+
+def _check_model(saved: dict, now: dict, where: Path | str, ignore: tuple[str, ...] = ()) -> None:
+    diff = [d for d in _diff(saved, now, "model.") if d.split(":", 1)[0] not in ignore]
+    if diff:
+        raise CheckpointError(
+            f"{where} was trained with another model config ({'; '.join(diff[:5])}), so this run cannot resume it. "
+            "Give this run its own directory (train.output_dir=...), start over there (--resume never / "
+            "train.resume=never: its checkpoints are set aside), or use the same model settings")
+
+
 def _check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[str], None]) -> None:
     saved = state.get("config", {})
     now = to_dict(cfg)
-    if saved.get("model") != now["model"]:
-        diff = _diff(saved.get("model", {}), now["model"], "model.")
-        raise CheckpointError(f"the checkpoint was trained with another model config ({'; '.join(diff[:5])}); "
-                              "use the same model settings, or another train.output_dir / train.resume=never")
+    _check_model(saved.get("model", {}), now["model"], "the checkpoint")
     other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
              if not d.startswith("train.resume:")]
     if other:
