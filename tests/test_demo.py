@@ -15,15 +15,16 @@ TINY_RUN = [
     "eval.num_images=60", "eval.retrieval_images=30", "eval.fewshot_shots=[2]", "eval.fewshot_seeds=[0]",
     "eval.mixing_alphas=[0.0,0.5,1.0]",
 ]
+# The pretrained h's on a tiny budget (a demo setting; tests/test_readme.py shortens the README's demo with both).
+TINY_PRETRAIN = ("pretrain_overrides=[model.image.image_size=24,train.steps=4,train.batch_size=32,pretrain.num_images=128,"
+                 "pretrain.num_heldout=56,train.threads=1]")
 
 
 def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "cache"))
     demo = load_demo_config("demo/quick", [
         f"output_dir={tmp_path / 'demo'}", "seeds=[0,1]", "imagenet_input_size=32",
-        f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]",
-        "pretrain_overrides=[model.image.image_size=24,train.steps=4,train.batch_size=32,pretrain.num_images=128,"
-        "pretrain.num_heldout=56,train.threads=1]",
+        f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]", TINY_PRETRAIN,
     ])
     result = run_demo(demo)
     out = tmp_path / "demo"

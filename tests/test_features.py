@@ -102,6 +102,8 @@ def test_world_training_batches_carry_cached_h_rows_and_lit_skips_the_pixels(tmp
               f"train.output_dir={tmp_path / 'run'}", "model.text.vocab_size=300"]
     three = build_train_data(tiny_config("3t", *common), third=third).batch(3)
     lit = build_train_data(tiny_config("lit", *common), third=third).batch(3)  # reuses the cache
-    assert three["image"].shape == (8, 3, 16, 16) and "image" not in lit  # LiT on cached h needs no pixels
+    # The pixels as stored (uint8, the world's 24 px; the model converts and resizes them on its device);
+    # LiT on cached h needs none.
+    assert three["image"].shape == (8, 24, 24, 3) and three["image"].dtype == torch.uint8 and "image" not in lit
     assert torch.equal(lit["third"], three["third"]) and lit["keys"] == three["keys"]
     assert torch.allclose(three["third"], third(three["image"]), atol=2e-2)  # the rows are h of this batch

@@ -13,7 +13,7 @@ def _pair(n=6, d=8, seed=0):
 
 
 def direct_softmax(a, b, t):
-    # Written from the formula in shared/DESIGN.md, row by row, without matrix helpers.
+    # Written from the formula in docs/method.md, row by row, without matrix helpers.
     n = a.shape[0]
     total = 0.0
     for i in range(n):
@@ -100,11 +100,30 @@ def test_term_loss_is_the_weighted_sum_with_per_term_and_shared_scales():
     assert float(shared({"x": a, "y": b, "u": c, "v": d})[1]["scale/u~v"]) == pytest.approx(10.0)
 
 
-def test_scale_clamp():
+def test_scale_clamp_is_on_the_parameter_after_an_update():
     loss = TermLoss([Term("x", "y", 1.0)], init_scale=10.0, max_scale=50.0)
     with torch.no_grad():
         loss.log_scale.fill_(math.log(1000.0))
+    loss.clamp_()
     assert float(loss.scales()[0].detach()) == pytest.approx(50.0)
+
+
+def test_a_temperature_above_the_bound_comes_back_down():
+    """At c7dddeb the clamp sat in the forward: above max_scale t's gradient was exactly zero and t
+    stayed at 100 for good. Now the loss pulls it back (data whose optimum is near t = 5)."""
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(32, 8), dim=-1)
+    b = F.normalize(a + 1.2 * torch.randn(32, 8), dim=-1)  # noisy pairs: a low t is best
+    loss = TermLoss([Term("x", "y", 1.0)], init_scale=10.0, max_scale=100.0)
+    with torch.no_grad():
+        loss.log_scale.fill_(math.log(101.0))  # training pushed it past the bound
+    opt = torch.optim.Adam(loss.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss({"x": a, "y": b})[0].backward()
+        opt.step()
+        loss.clamp_()  # as the trainer does after every update (ThreeTowers.after_update)
+    assert float(loss.scales()[0].detach()) < 30.0
 
 
 def test_distributed_term_loss_gathers_the_distinct_embeddings_once_in_fp32(monkeypatch):

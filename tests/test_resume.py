@@ -92,6 +92,46 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         train(cfg, data=SyntheticData(cfg))
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_any_data_work(tmp_path, monkeypatch):
+    import threetowers.training.contrastive as job
+
+    overrides = FAST + [f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "train.tensorboard=false",
+                        "eval.tasks=[]"]
+    cfg = load_config("tiny", overrides)
+    train(cfg, data=SyntheticData(cfg))
+    built = []
+    monkeypatch.setattr(job, "build_train_data", lambda *a, **k: built.append(1) or SyntheticData(a[0]))
+    with pytest.raises(CheckpointError, match=r"model.embed_dim: 16 -> 8.*train.output_dir=.*--resume never"):
+        train(load_config("tiny", overrides + ["train.steps=4", "model.embed_dim=8"]))
+    assert built == []  # refused before the data (and h's cache) were built
+    train(load_config("tiny", overrides + ["train.steps=4", "model.embed_dim=8", "train.resume=never"]))
+    assert built == [1]
+
+
+def test_bad_sample_counts_go_on_from_the_checkpoint(tmp_path):
+    overrides = FAST + [f"train.output_dir={tmp_path / 'run'}", "train.tensorboard=false", "train.checkpoint_every=2"]
+    cfg = load_config("tiny", overrides + ["train.steps=2"])
+    train(cfg, data=SyntheticData(cfg))  # SyntheticData counts one bad sample per process
+    cfg = load_config("tiny", overrides + ["train.steps=4"])
+    result = train(cfg, data=SyntheticData(cfg))
+    assert result.metrics["data/bad/corrupt_image"] == 2  # 1 before the checkpoint + 1 since (was 1: reset)
+
+
+def test_a_rank_the_checkpoint_did_not_have_gets_a_stream_of_its_own():
+    from threetowers.training.checkpoint import rng_state
+    from threetowers.training.resume import restore_rng
+
+    torch.manual_seed(0)
+    saved = [rng_state()]  # a checkpoint written by one process
+    draws = []
+    for rank in (0, 1, 2):
+        restore_rng(saved, rank, torch.device("cpu"), seed=0, step=10, report=lambda message: None)
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])  # at c7dddeb: all rank 0's
+    restore_rng(saved, 1, torch.device("cpu"), seed=0, step=10, report=lambda message: None)
+    assert torch.equal(torch.rand(3), draws[1])  # and still a pure function of (seed, rank, step)
+
+
 def test_cli_with_the_real_loader_trains_and_resumes(tmp_path):
     pytest.importorskip("threetowers.world.world")
     out = tmp_path / "run"

@@ -103,7 +103,7 @@ def install() -> None:
 
     job.build_train_data = lambda cfg, rank=0, world_size=1, third=None: SyntheticData(cfg, rank, world_size, third)
     # Synthetic captions have no real tokenizer, so the trainer's world evaluation is off here.
-    job.trainer_hook = lambda cfg, tokenizer=None: None
+    job.trainer_hook = lambda cfg, tokenizer=None, third=None: None
 
 
 if __name__ == "__main__":

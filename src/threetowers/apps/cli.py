@@ -198,7 +198,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cfg = leave_run_alone(cfg)
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)  # under torchrun, the ranks split the shards
     try:
-        third = build_third(cfg)
+        third = build_third(cfg, info.device)  # h runs on the rank's device
         summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
         barrier(info)
         if info.is_main:

@@ -202,14 +202,15 @@ def _shippable(err: Exception) -> Exception:
 
 
 def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only; every rank gets its result, or raises its exception."""
+    """Run `fn` on rank 0 only; every rank gets its result, or raises its exception (on the other ranks,
+    a RuntimeError with its type and message if it does not survive pickling)."""
+    if not info.enabled:
+        return fn()
     result, error = None, None
     if info.is_main:
         try:
             result = fn()
         except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
-            if not info.enabled:
-                raise
             error = err
     shipped = _shippable(error) if error is not None else None
     result, shipped = _collective("on_main", lambda: _broadcast((result, shipped), info))
@@ -238,8 +239,8 @@ def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size <= 1:
         return x
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
-        raise RuntimeError(f"gather over {world_size} ranks, but the process group has "
-                           f"{dist.get_world_size() if dist.is_initialized() else 'not been initialised'}")
+        group = f"{dist.get_world_size()} ranks" if dist.is_initialized() else "no process group"
+        raise RuntimeError(f"gather over {world_size} ranks, but there are {group}")
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 

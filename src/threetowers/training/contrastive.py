@@ -23,7 +23,8 @@ from ..eval.tasks import trainer_hook
 from ..model.factory import build_third, create_model, load_model_weights, save_model
 from ..schema import Config
 from .checkpoint import CheckpointError, check_writable
-from .trainer import Evaluate, Job, TrainData, TrainResult, check_resume_early, run, runtime
+from .resume import check_resume_early
+from .trainer import Evaluate, Job, TrainData, TrainResult, run, runtime
 
 
 def save_contrastive(model: nn.Module, directory: Path, tokenizer=None) -> None:

@@ -18,18 +18,14 @@ bit for bit. On CPU a killed and resumed run ends with the same weights as an un
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,9 +37,10 @@ from ..core.distributed import (
 from ..schema import Config
 from ..towers.build import set_grad_checkpointing
 from .checkpoint import (
-    TRAIN_STATE, CheckpointError, atomic_directory, check_writable, find_resume, list_checkpoints,
+    TRAIN_STATE, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
 )
+from .resume import check_resumable, report_on_main, restore_rng, seed_everything
 from .flops import train_flops_per_pair, utilisation
 from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
@@ -132,17 +129,6 @@ def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def seed_everything(seed: int) -> None:
-    """python, NumPy and torch (CPU and every CUDA device) RNGs of this process."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _report(info: DistInfo) -> Callable[[str], None]:
-    return (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
-
-
 # ----------------------------------------------------------------------------- one step
 
 
@@ -224,7 +210,7 @@ class _Window:
 def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None) -> TrainResult:
     """Train `job.model` on `job.data` for `cfg.train.steps` steps, resuming as `cfg.train.resume` says."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
-    report = _report(info)
+    report = report_on_main(info)
     model = job.model.to(info.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, info.device)
@@ -235,18 +221,12 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
     start, skipped, bad_before = 0, 0, {}
     if resume_from is not None:
         state = load_train_state(resume_from)
-        _check_resumable(state, cfg, info, report)
+        check_resumable(state, cfg, info, report)
         job.load_weights(model, Path(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
-        rngs = state["rng"]
-        if info.rank < len(rngs):
-            for note in set_rng_state(rngs[info.rank], info.device):
-                report(f"note: {note}")
-        else:  # a rank the checkpoint did not have: a stream of its own, never a copy of another rank's
-            seed_everything(_fresh_seed(cfg.train.seed, info.rank, start))
-            report(f"note: ranks {len(rngs)}..{info.world_size - 1} had no RNG state in the checkpoint; seeded anew")
+        restore_rng(state["rng"], info.rank, info.device, cfg.train.seed, start, report)
         # The bad samples counted before the checkpoint (totals over ranks), so that counts go on from there.
         bad_before = {str(k): int(v) for k, v in state.get("bad_samples", {}).items()} if info.is_main else {}
         report(f"resuming from {resume_from} at step {start}")
@@ -432,10 +412,6 @@ def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def _fresh_seed(seed: int, rank: int, step: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:4], "little")
-
-
 def _evaluate(evaluate: Evaluate, model: nn.Module, step: int) -> dict[str, Any]:
     """Run the hook in eval mode, without gradients, without disturbing the training RNG streams."""
     saved = rng_state()
@@ -453,49 +429,6 @@ def _evaluate(evaluate: Evaluate, model: nn.Module, step: int) -> dict[str, Any]
             value = value.item()
         out[key if key.startswith("eval/") else f"eval/{key}"] = value
     return out
-
-
-def check_resume_early(cfg: Config, info: DistInfo) -> None:
-    """Refuse, before any data or cache work, a checkpoint this run would resume but could not: one
-    trained with another model config (h's settings included). The text tower's vocabulary size comes
-    from the tokenizer, built with the data; `run` checks it, with everything else, when it resumes."""
-    def check() -> None:
-        found = find_resume(Path(cfg.train.output_dir), cfg.train.resume, _report(info))
-        if found is not None:
-            written = Path(found) / "config.yaml"  # the config alone: train_state.pt can be gigabytes
-            saved = OmegaConf.to_container(OmegaConf.load(written)) if written.is_file() else \
-                load_train_state(found).get("config", {})
-            _check_model(saved.get("model", {}), to_dict(cfg)["model"], found, ignore=("model.text.vocab_size",))
-
-    on_main(info, check)
-
-
-def _check_model(saved: dict, now: dict, where: Path | str, ignore: tuple[str, ...] = ()) -> None:
-    diff = [d for d in _diff(saved, now, "model.") if d.split(":", 1)[0] not in ignore]
-    if diff:
-        raise CheckpointError(
-            f"{where} was trained with another model config ({'; '.join(diff[:5])}), so this run cannot resume it. "
-            "Give this run its own directory (train.output_dir=...), start over there (--resume never / "
-            "train.resume=never: its checkpoints are set aside), or use the same model settings")
-
-
-def _check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[str], None]) -> None:
-    saved = state.get("config", {})
-    now = to_dict(cfg)
-    _check_model(saved.get("model", {}), now["model"], "the checkpoint")
-    other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
-             if not d.startswith("train.resume:")]
-    if other:
-        report(f"note: settings changed since the checkpoint: {'; '.join(other[:8])}")
-    if state.get("world_size", info.world_size) != info.world_size:
-        report(f"note: the checkpoint was written by {state['world_size']} process(es), this run has "
-               f"{info.world_size}; training continues, but not bit-identically to an uninterrupted run")
-
-
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
 __all__ = ["run", "runtime", "Job", "TrainData", "TrainResult", "TrainingStopped", "EvaluationFailed", "forward_backward"]
