@@ -72,3 +72,13 @@ def test_threetowers_eval_benchmark_writes_the_same_json_as_other_tasks(tmp_path
     assert 0 <= scores["benchmark/wds/tiny/fp32/top1"] <= 1 and "benchmark/wds/tiny/fp32/top1" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "model"), "--benchmark", "wds/tiny", "--dataset-root", str(tmp_path / "nope")]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_threetowers_world_wds_writes_the_worlds_zeroshot_set_in_that_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "cache"))
+    assert main(["world", "wds", str(tmp_path / "objects"), "--what", "object", "-n", "12"]) == 0
+    assert len((tmp_path / "objects" / "classnames.txt").read_text().splitlines()) == 28  # the world's shapes
+    assert (tmp_path / "objects" / "test" / "0.tar").is_file() and "{c}" in (
+        tmp_path / "objects" / "zeroshot_classification_templates.txt").read_text()
+    assert main(["world", "wds", str(tmp_path / "pairs")]) == 1  # captioned pairs are no labelled set
+    assert "--what object" in capsys.readouterr().err

@@ -117,6 +117,18 @@ def test_cli_help_explains_itself_with_examples(capsys):
     assert {"train", "pretrain"} <= set(sub)
 
 
+def test_eval_takes_overrides_before_or_after_its_tasks(tmp_path, monkeypatch):
+    from threetowers.apps import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "evaluate", lambda model, tasks, overrides: calls.append((tasks, overrides)) or {"x": 0.5})
+    out = ["--out", str(tmp_path / "scores.json")]
+    assert main(["eval", "m", "--tasks", "zeroshot_object", "zeroshot:/data/a=b", "eval.num_images=200", *out]) == 0
+    assert main(["eval", "m", "eval.batch_size=8", "--tasks", "eval.num_images=200", *out]) == 0
+    assert calls == [(["zeroshot_object", "zeroshot:/data/a=b"], ["eval.num_images=200"]),  # a task's path may hold "="
+                     (None, ["eval.batch_size=8", "eval.num_images=200"])]  # overrides only: the model's own tasks
+
+
 def test_python_m_threetowers_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "threetowers", "train", "clip", "model.third.source=timm"],
                           capture_output=True, text=True, timeout=60)

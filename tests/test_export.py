@@ -2,6 +2,7 @@
 its tokenizer gives our ids, and CLIP_benchmark scores it as `threetowers eval --benchmark` does."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -70,6 +71,16 @@ def test_export_never_overwrites_a_folder_that_is_not_an_export(tmp_path, capsys
     assert main(["export", str(model_dir), str(tmp_path / "oc")]) == 0
     assert "max |embedding difference|" in capsys.readouterr().out
     assert main(["export", str(model_dir), str(tmp_path / "oc")]) == 0  # an earlier export is updated
+
+
+def test_export_without_open_clip_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    model_dir = saved(tmp_path)
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed: `import open_clip` raises ImportError
+    assert main(["export", str(model_dir), str(tmp_path / "oc")]) == 1
+    err = capsys.readouterr().err
+    assert "pip install open-clip-torch" in err and "--no-check" in err and not (tmp_path / "oc").exists()
+    assert main(["export", str(model_dir), str(tmp_path / "oc"), "--no-check"]) == 0  # asked for: written unchecked
+    assert (tmp_path / "oc" / "open_clip_model.safetensors").is_file()
 
 
 def numpy_safe_accuracy(output, target, topk=(1,)):

@@ -8,7 +8,8 @@ an appended setting wins over the preset's and over the command's own):
 
 - `threetowers train|pretrain|cache`, also under `torchrun`: `SHORT_TRAIN`, 2 steps of 16 pairs
   from a 64-pair world and no evaluation; `pretrain` also on 64 images (`SHORT_PRETRAIN`);
-- `threetowers demo`: `--quick` (one seed) with the tiny model and budget of tests/test_demo.py;
+- `threetowers demo`: `--quick` (one seed) with the tiny model of tests/test_demo.py and
+  `SHORT_TRAIN`'s budget, evaluated on 30 images (`SHORT_DEMO`);
 - `threetowers world wds`: `-n 100` images;
 - `torchrun`: `--master_port` of a free port (the suite's distributed tests may run beside it).
 
@@ -38,7 +39,8 @@ SKIP = re.compile(r"<!-- readme-test: skip: (.+?) -->")
 
 SHORT_TRAIN = ["train.steps=2", "train.batch_size=16", "data.world.num_pairs=64", "eval.tasks=[]"]
 SHORT_PRETRAIN = SHORT_TRAIN + ["pretrain.num_images=64", "pretrain.num_heldout=32"]
-SHORT_DEMO = ["--quick", "imagenet_input_size=32", TINY_PRETRAIN] + [a for o in TINY_RUN for a in ("--run", o)]
+SHORT_DEMO = ["--quick", "imagenet_input_size=32", TINY_PRETRAIN] + [  # later --run settings win
+    a for o in TINY_RUN + SHORT_TRAIN[:3] + ["eval.num_images=30", "eval.retrieval_images=20"] for a in ("--run", o)]
 NOT_RUN = ("python3 -m venv", ". .venv/bin/activate", "source .venv/bin/activate", "pip install", "pytest")
 
 

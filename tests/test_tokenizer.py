@@ -8,7 +8,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
+from conftest import TINY
+from threetowers.apps.cli import main
+from threetowers.config import load_config
 from threetowers.data.tokenizer import Tokenizer
+from threetowers.third.classifier import Classifier, save_classifier
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross", "ring", "arrow"]
@@ -124,3 +128,22 @@ def test_training_on_20k_captions_is_fast():
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, f"training took {elapsed:.2f}s"
     assert tok(corpus[:256]).shape == (256, 32)
+
+
+def test_the_cache_command_leaves_a_runs_tokenizer_alone(tmp_path, monkeypatch, capsys):
+    """Issue #24: `threetowers cache` on other data replaced an existing run's tokenizer.json."""
+    monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "world"))
+    save_classifier(Classifier(load_config(None, TINY).model.image, 3), tmp_path / "h", ["a", "b", "c"])
+    run = tmp_path / "runs" / "3t"
+    run.mkdir(parents=True)
+    Tokenizer.train(captions(200, seed=5), 300, 16).save(run / "tokenizer.json")  # the run's: other data
+    before = (run / "tokenizer.json").read_bytes()
+    cache = ["cache", "tiny", "model.method=3t", "model.third.source=checkpoint", f"model.third.path={tmp_path / 'h'}",
+             "train.device=cpu", "train.threads=1", "data.world.num_pairs=64"]
+    assert main([*cache, f"train.output_dir={run}"]) == 0
+    assert "64 embeddings of" in capsys.readouterr().out
+    assert (run / "tokenizer.json").read_bytes() == before and [p.name for p in run.iterdir()] == ["tokenizer.json"]
+    assert any((tmp_path / "runs" / "cache").rglob("manifest.json"))  # where `train` looks: <output_dir>/../cache
+    fresh = tmp_path / "runs" / "fresh"  # no tokenizer yet: the one trained is kept for `train`, as before
+    assert main([*cache, f"train.output_dir={fresh}"]) == 0
+    assert (fresh / "tokenizer.json").is_file()

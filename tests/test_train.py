@@ -228,6 +228,45 @@ def test_nonfinite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_changes_nothing_and_fused_adamw_skips_it_on_the_device(fused):
+    """Fused AdamW (every CUDA run; it also runs on the CPU) takes the skip as a device flag: no host
+    sync in the step. Weights, moments and the step count stay as they were."""
+    from threetowers.schema import TrainConfig
+    from threetowers.training.nonfinite import NonFiniteSteps
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused)
+    guard = NonFiniteSteps(opt, TrainConfig(on_nonfinite="skip"), 0, torch.device("cpu"))
+    assert guard.on_device is fused
+
+    def step(bad: bool) -> torch.Tensor:
+        loss = layer(torch.randn(2, 4)).sum() * (math.nan if bad else 1.0)
+        loss.backward()
+        flag = guard.apply(["train/loss"], loss.detach().reshape(1), 1, opt.step)
+        opt.zero_grad()
+        return flag
+
+    step(False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in layer.parameters()]
+    assert float(step(True)) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, layer.parameters()))
+    assert all(float(opt.state[p]["step"]) == 1 for p in layer.parameters())
+    assert float(step(False)) == 0.0 and not torch.equal(before["weight"], layer.weight)
+    lines = []
+    assert guard.check(3, None, lines.append) == 1 and lines[0].startswith("steps 1..3: 1 step(s)")
+
+
+def test_skips_between_log_lines_are_counted_at_the_next_one(tmp_path):
+    cfg = config(tmp_path, "clip", "train.steps=10", "train.on_nonfinite=skip", "train.tensorboard=false",
+                 "train.log_every=5")
+    result = train(cfg, data=SyntheticData(cfg, nan_steps={1, 3, 6}))
+    assert [r["train/nonfinite_skipped"] for r in result.curve if "train/nonfinite_skipped" in r] == [2, 3]
+
+
 def test_nonfinite_loss_can_skip_the_step_and_count_it(tmp_path):
     cfg = config(tmp_path, "clip", "train.steps=5", "train.on_nonfinite=skip", "train.tensorboard=false")
     result = train(cfg, data=SyntheticData(cfg, nan_steps={1, 3}))

@@ -40,16 +40,13 @@ from .checkpoint import (
     TRAIN_STATE, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
 )
+from .nonfinite import NonFiniteSteps, TrainingStopped
 from .resume import check_resumable, report_on_main, restore_rng, seed_everything
 from .flops import train_flops_per_pair, utilisation
 from .logging import RunLogger, read_metrics
 from .optim import build_optimizer, build_scheduler
 
 Evaluate = Callable[[nn.Module, int], dict]
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite loss); the last good checkpoint is intact."""
 
 
 class EvaluationFailed(RuntimeError):
@@ -187,16 +184,15 @@ class _Window:
 
     def __init__(self):
         self.keys: list[str] = []
-        self.sums: torch.Tensor | None = None
-        self.counted = 0  # steps whose values were added (a skipped step adds timings only)
+        self.sums: torch.Tensor | None = None  # the values of the applied steps, then their count
         self.steps = 0
         self.data_s = self.step_s = 0.0
 
-    def add(self, keys: list[str], values: torch.Tensor | None, data_s: float, step_s: float) -> None:
-        if values is not None:
-            self.keys = keys
-            self.sums = values if self.sums is None else self.sums + values
-            self.counted += 1
+    def add(self, keys: list[str], values: torch.Tensor, skipped: torch.Tensor, data_s: float, step_s: float) -> None:
+        # A skipped step adds its timings but not its (non-finite) values.
+        row = torch.cat([torch.where(skipped > 0, 0.0, values.float()), (1 - skipped).reshape(1)])
+        self.keys = keys
+        self.sums = row if self.sums is None else self.sums + row
         self.steps += 1
         self.data_s += data_s
         self.step_s += step_s
@@ -204,7 +200,8 @@ class _Window:
     def means(self) -> dict[str, float]:
         if self.sums is None:
             return {}
-        return {k: v / self.counted for k, v in zip(self.keys, self.sums.tolist())}
+        *sums, counted = self.sums.tolist()
+        return {k: v / counted for k, v in zip(self.keys, sums)} if counted else {}
 
 
 def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None) -> TrainResult:
@@ -288,9 +285,14 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 f"{last_ckpt or 'none (none was written yet)'}; resume from it with a lower optim.lr")
 
     after_update = getattr(model, "after_update", lambda: None)  # e.g. keeps the temperatures in range
+
+    def update() -> None:
+        optimizer.step()
+        after_update()
+
+    nonfinite = NonFiniteSteps(optimizer, tc, skipped, info.device)
     batches: Iterator[dict] = iter(job.data.batches(start))
     flops_per_pair: float | None = None
-    consecutive = 0  # skipped steps in a row
     eval_error: Exception | None = None
     try:
         for step in range(start, tc.steps):
@@ -312,38 +314,19 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             values = all_mean(torch.stack([stats[k] for k in sorted(stats)] + [grad_norm.float().reshape(())]), info)
             lr = scheduler.get_last_lr()[0]
             done = step + 1
-            # The step's one host sync: one flag, decided on the device (the metrics stay there until a log line).
-            if bool(torch.isfinite(values).all()):
-                optimizer.step()
-                after_update()
-                consecutive = 0
-            else:
-                metrics = dict(zip(keys, values.tolist()))
-                detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
-                                   if k.startswith(("train/loss", "train/grad_norm")))
-                if tc.on_nonfinite == "stop":
-                    raise TrainingStopped(
-                        f"non-finite loss or gradient at step {done} ({detail}); stopped before updating the weights. "
-                        f"The last good checkpoint is {last_ckpt or 'none (none was written yet)'}; resume from it "
-                        "with a lower optim.lr, check the data, or set train.on_nonfinite=skip")
-                skipped += 1
-                consecutive += 1
-                logger.write(f"step {done}: non-finite loss or gradient ({detail}); step skipped "
-                             f"({skipped} skipped so far)")
-                if consecutive >= tc.max_consecutive_skips or skipped >= tc.max_skipped_steps:
-                    raise TrainingStopped(
-                        f"{consecutive} steps in a row and {skipped} in all were skipped for a non-finite loss or "
-                        f"gradient (limits: train.max_consecutive_skips={tc.max_consecutive_skips}, "
-                        f"train.max_skipped_steps={tc.max_skipped_steps}); the run is not learning. The last good "
-                        f"checkpoint is {last_ckpt or 'none (none was written yet)'}; lower optim.lr or check the data")
-                values = None
+            skipped_now = nonfinite.apply(keys, values, done, update)  # decided on the device
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             t_step = time.perf_counter() - t0
-            window.add(keys, values, t_data, t_step)
+            window.add(keys, values, skipped_now, t_data, t_step)
             logger.step(done, tc.batch_size / max(t_step, 1e-9))
 
-            if done % tc.log_every == 0 or done == tc.steps:
+            log_now = done % tc.log_every == 0 or done == tc.steps
+            eval_now = evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == tc.steps)
+            checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
+            if log_now or eval_now or checkpoint_now:  # the host reads the step counts only here
+                skipped = nonfinite.check(done, last_ckpt, logger.write)
+            if log_now:
                 bad = bad_counts()
                 last_logged = {
                     **window.means(), "train/lr": lr, "train/samples_per_s": tc.batch_size * window.steps / window.step_s,
@@ -355,7 +338,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 }
                 logger.log(done, last_logged)
                 window = _Window()
-            if evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == tc.steps):
+            if eval_now:
                 try:
                     last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), done))
                     logger.log(done, last_eval)
@@ -363,7 +346,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                     eval_error = err
                     logger.write(f"evaluation at step {done} failed ({type(err).__name__}: {err}); training goes on "
                                  "and the model is saved, then the run reports the failure")
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            if checkpoint_now:
                 last_ckpt = checkpoint(done)
 
         if start >= tc.steps and evaluate is not None:
