@@ -37,6 +37,7 @@ from typing import Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
@@ -47,6 +48,7 @@ from common import machine, print_table  # noqa: E402
 from threetowers.core.atomic import write_json_atomic  # noqa: E402
 from threetowers.data.loader import build_train_data  # noqa: E402
 from threetowers.eval.tasks import build_tasks, run_tasks  # noqa: E402
+from threetowers.core.distributed import gather_with_grad  # noqa: E402
 from threetowers.model.losses import contrastive_loss  # noqa: E402
 from threetowers.core.distributed import init_distributed, shutdown  # noqa: E402
 from threetowers import resolve_config, train  # noqa: E402
@@ -127,7 +129,10 @@ class OpenClipJobModel(nn.Module):
         image = F.normalize(self._image(batch["image"]).float(), dim=-1)
         text = F.normalize(self.clip.encode_text(batch["tokens"]).float(), dim=-1)
         scale = self.clip.logit_scale.float().exp().clamp(max=self.max_scale)
-        loss = contrastive_loss(image, text, scale)
+        # Every rank's rows as negatives under torchrun, as our TermLoss does (the loss gathers only when told).
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        loss = contrastive_loss(image, text, scale, a_all=gather_with_grad(image, world),
+                                b_all=gather_with_grad(text, world), rank=rank)
         return {"loss": loss, "scale": scale.detach()}
 
     @torch.no_grad()

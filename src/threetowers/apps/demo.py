@@ -171,7 +171,8 @@ def run_demo(demo: DemoConfig) -> dict:
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\nMachine: {machine()}\n"
     if heldout:
-        header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in heldout.items()) + "\n"
+        header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%"
+                                                                     for k, v in heldout.items()) + "\n"
     print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings,
                        heldout=heldout, command=demo_command(demo), steps=base.train.steps))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.distributed import gather_with_grad
 
-# Named embeddings a term can align; see shared/DESIGN.md.
+# Named embeddings a term can align; see docs/method.md.
 EMBEDDINGS = ("image", "text", "image_h", "text_h", "third_f", "third_g")
 
 

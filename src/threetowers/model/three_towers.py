@@ -100,9 +100,10 @@ class ThreeTowers(nn.Module):
             out["text_h"] = self.adapt_text(g)
         if needed & {"third_f", "third_g"}:
             h = self.third_features(batch.get("third_image", batch.get("image")), batch.get("third"))
-            if "third_f" in needed:
-                out["third_f"] = self.third_head_f(h) if self.third_head_f is not None else h
             out["third_g"] = self.third_head_g(h) if self.third_head_g is not None else h
+            if "third_f" in needed:  # heads=none or shared: the same tensor (one gather across ranks)
+                same = self.third_head_f is self.third_head_g
+                out["third_f"] = out["third_g"] if same else self.third_head_f(h)
         # Each distinct tensor normalised once: with heads=none, third_f and third_g stay one tensor,
         # which the loss then gathers across ranks once.
         distinct = {id(v): v for v in out.values()}
