@@ -23,7 +23,7 @@ TINY_PRETRAIN = ("pretrain_overrides=[model.image.image_size=24,train.steps=4,tr
 def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "cache"))
     demo = load_demo_config("demo/quick", [
-        f"output_dir={tmp_path / 'demo'}", "seeds=[0,1]", "imagenet_input_size=32",
+        f"output_dir={tmp_path / 'demo'}", "seeds=[0,1]", "imagenet_input_size=32", "ceiling_shots=3",
         f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]", TINY_PRETRAIN,
     ])
     result = run_demo(demo)
@@ -47,7 +47,12 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     assert set(report["heldout_top1"]) == {"object", "scene"} and "Held-out top-1 of the pretrained h" in md
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000
-    assert set(result["timings"]) == {"render", "pretrain", "cache", "train", "eval"}
+    assert set(result["timings"]) == {"render", "pretrain", "ceilings", "cache", "train", "eval"}
+    # each h's ceiling on each zero-shot set, beside LiT's and 3T's zero-shot top-1 with it
+    assert set(report["ceilings"]) == {"object", "scene", "imagenet"}
+    assert all(0.0 <= v <= 1.0 for found in report["ceilings"].values() for v in found.values())
+    assert set(report["ceilings"]["object"]) == {"zeroshot_object", "zeroshot_scene"}
+    assert "## Each h's ceilings" in md and "| object | " in md
 
 
 def test_a_demo_never_takes_over_another_demos_folder(tmp_path, capsys):

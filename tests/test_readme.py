@@ -39,7 +39,7 @@ SKIP = re.compile(r"<!-- readme-test: skip: (.+?) -->")
 
 SHORT_TRAIN = ["train.steps=2", "train.batch_size=16", "data.world.num_pairs=64", "eval.tasks=[]"]
 SHORT_PRETRAIN = SHORT_TRAIN + ["pretrain.num_images=64", "pretrain.num_heldout=32"]
-SHORT_DEMO = ["--quick", "imagenet_input_size=32", TINY_PRETRAIN] + [  # later --run settings win
+SHORT_DEMO = ["--quick", "imagenet_input_size=32", "ceiling_shots=2", TINY_PRETRAIN] + [  # later --run settings win
     a for o in TINY_RUN + SHORT_TRAIN[:3] + ["eval.num_images=30", "eval.retrieval_images=20"] for a in ("--run", o)]
 NOT_RUN = ("python3 -m venv", ". .venv/bin/activate", "source .venv/bin/activate", "pip install", "pytest")
 

@@ -1,7 +1,8 @@
 """`threetowers demo`: the paper's comparison of CLIP, LiT and 3T on the embedded world.
 
 Phases: render the world -> pretrain the object- and scene-aligned third towers (and load the
-real ImageNet classifier when installed) -> cache each h's embeddings -> train CLIP once and LiT
+real ImageNet classifier when installed) -> each h's ceilings (a linear probe on its pre-logits,
+`h_ceilings`) -> cache each h's embeddings -> train CLIP once and LiT
 and 3T once per h, per seed, all with the same towers, data, steps and batch -> evaluate all with
 the suite (zero-shot, retrieval, few-shot, the 3T/LiT mixing sweep) -> results.md, results.json
 and plots. Every run is an ordinary `Config`; the demo only builds the grid.
@@ -26,8 +27,10 @@ from omegaconf import OmegaConf
 
 from ..config import WORLD_TASKS, Config, ConfigError, load_config, override_layer, resolve_preset
 from ..core.atomic import write_json_atomic
+from ..eval.fewshot import linear_probe
 from ..eval.tasks import build_tasks, run_tasks
 from ..third.store import EvalFeatures
+from ..third.tower import load_third_tower
 from ..training.contrastive import train
 from ..training.pretrain import pretrain
 from ..world import World
@@ -49,6 +52,7 @@ class DemoConfig:
     pretrain: str = "demo/pretrain"  # the Config preset of the two pretrained classifiers
     pretrain_overrides: list[str] = field(default_factory=list)
     imagenet_input_size: int = 96  # EfficientNet-Lite0's input: 224 costs 5x more for little gain at 48 px
+    ceiling_shots: int = 50  # images per class of the evaluation recipe that each h's ceiling probe trains on
     # The evaluation (set sizes, shots, mixing alphas) is the base preset's `eval` section, changed
     # with `overrides` like any other run setting, e.g. eval.num_images=300.
 
@@ -147,10 +151,19 @@ def run_demo(demo: DemoConfig) -> dict:
         third_overrides[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
     timings["pretrain"] = time.perf_counter() - t0
 
-    # 3.-5. caches, training, evaluation
+    # 3. each h's ceilings: what a linear probe reads off h on each zero-shot set
+    t0 = time.perf_counter()
+    third_features = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
+    ceilings = {name: h_ceilings(load_third_tower(run_config(demo, "3t", name, 0, cfg).model.third), world, tasks,
+                                 third_features, base.eval.batch_size, demo.ceiling_shots)
+                for name, cfg in third_overrides.items()}
+    timings["ceilings"] = time.perf_counter() - t0
+    for name, found in ceilings.items():
+        _log(f"ceilings of h={name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in found.items()))
+
+    # 4.-6. caches, training, evaluation
     runs: list[dict] = []
     timings["cache"] = timings["train"] = timings["eval"] = 0.0
-    third_features = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
     grid = [(m, None) for m in demo.methods if m == "clip"]
     grid += [(m, t) for t in third_overrides for m in demo.methods if m != "clip"]
     for seed in demo.seeds:
@@ -174,10 +187,30 @@ def run_demo(demo: DemoConfig) -> dict:
         header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%"
                                                                      for k, v in heldout.items()) + "\n"
     print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings,
-                       heldout=heldout, command=demo_command(demo), steps=base.train.steps))
+                       heldout=heldout, command=demo_command(demo), steps=base.train.steps, ceilings=ceilings))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     _log(f"wrote {out / 'results.md'}, results.json and plots")
     return {"runs": runs, "timings": timings}
+
+
+# The ceiling protocol: a linear probe (multinomial logistic regression on standardised pre-logits,
+# `eval.linear_probe`) trained on `shots` images per class of the evaluation recipe (the world's
+# few-shot stream of seed CEILING_SEED, which no few-shot evaluation uses) and tested on the very
+# zero-shot set LiT and 3T are scored on. It bounds what reading h linearly can give on that task.
+CEILING_SEED = 99
+
+
+def h_ceilings(third, world: World, tasks: dict, store: EvalFeatures, batch_size: int,
+               shots: int = 50) -> dict[str, float]:
+    """h's linear-probe accuracy on each zero-shot task of `tasks` ({"zeroshot_object": 0.81, ...})."""
+    found = {}
+    for name, task in tasks.items():
+        if not name.startswith("zeroshot_"):
+            continue
+        train_set = world.fewshot_train(name.removeprefix("zeroshot_"), shots, CEILING_SEED)
+        found[name] = linear_probe(store.features(third, train_set.images, batch_size), train_set.labels,
+                                   store.features(third, task.images, batch_size), task.labels)
+    return found
 
 
 def chance_levels(tasks: dict) -> dict[str, float]:

@@ -22,6 +22,7 @@ backdrops.py), words (captions.py), the disk cache (cache.py), the sets (tasks.p
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from functools import partial
 
@@ -86,8 +87,10 @@ class World:
         return image, {"scene": scene, "objects": objs, "captions": captions, "noise": noise}
 
     def _render(self, stream: str, recipe: Recipe, n: int, tag: str = "") -> tuple[np.ndarray, list[dict]]:
-        """n samples of a stream, from the cache when the set is large (rendered into it on a miss)."""
-        return self._cache.get(stream, n, partial(self._sample, stream, recipe), tag)
+        """n samples of a stream, from the cache when the set is large (rendered into it on a miss).
+        The recipe is part of the cached set's name: a stream drawn another way is never read stale."""
+        digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:8]
+        return self._cache.get(stream, n, partial(self._sample, stream, recipe), f"{tag}-r{digest}")
 
     # ------------------------------------------------------------------ sets
 
