@@ -28,7 +28,9 @@ def pairs_recipe(max_objects: int = 3) -> Recipe:
 
 
 _RECIPES = {  # sets labelled by object or scene class: pretraining (labelled), zero-shot, few-shot
-    ("labelled", "object"): Recipe((1, 1), "object", contrast=(0.15, 0.45), captions=0),
+    # Mild to full-contrast backgrounds: at 0.15-0.45 only (before issue 25) the object h reached 76.9%
+    # on its own held-out set but 37.2% under a linear probe on the evaluation's full-contrast images.
+    ("labelled", "object"): Recipe((1, 1), "object", contrast=(0.15, 1.0), captions=0),
     ("labelled", "scene"): Recipe((0, 2), "scene", captions=0),
     ("eval", "object"): Recipe((1, 1), "object", captions=0),
     ("eval", "scene"): Recipe((1, 3), "scene", captions=0),
