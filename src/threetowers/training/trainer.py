@@ -3,7 +3,10 @@
 The jobs are `training/contrastive.py` (CLIP, LiT and 3T: the same `ThreeTowers` model, configured)
 and `training/pretrain.py` (a classifier that later serves as h); both run through `run`, which reads
 top to bottom in phases: resume -> output directory -> the loop (micro-batches, update, logs, evals,
-checkpoints) -> final model.
+checkpoints) -> final model. `resume.py` owns whether a checkpoint fits and each rank's RNG on
+resume; `nonfinite.py` owns the skip of non-finite steps (decided on the device) and its limits.
+The step's metrics stay on the device; the host reads them only at log lines, evaluations and
+checkpoints, so that a GPU never waits for the host in a step.
 
 Gradient accumulation: each step's batch (this rank's share of `train.batch_size`) is split into
 `train.grad_accum` micro-batches, and each micro-batch is a contrastive batch of its own: its
