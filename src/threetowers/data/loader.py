@@ -148,13 +148,15 @@ def caches_third(cfg: Config, third) -> bool:
 
 
 def _csv_third_images(cfg: Config, third, keys: list[str], progress: bool) -> Callable[[], np.ndarray]:
-    """The CSV's rows decoded at h's input size, for h (loaded on first use: a complete cache needs none)."""
+    """The CSV's rows decoded at h's input size, for h (loaded on first use: a complete cache needs none).
+    No collective inside: the cache build calls it on rank 0 alone; callers on every rank wrap it in
+    `rank0_first`."""
     held: list[np.ndarray] = []
 
     def load() -> np.ndarray:
         if not held:
-            arrays = rank0_first(lambda: load_csv_arrays(cfg.data, third.preprocessing.input_size, progress=progress,
-                                                         store=cache_root(cfg) / "csv"))
+            arrays = load_csv_arrays(cfg.data, third.preprocessing.input_size, progress=progress,
+                                     store=cache_root(cfg) / "csv")
             if arrays.keys != keys:  # the same rows decode at any size; a difference means the files changed
                 raise ValueError(f"data.path={cfg.data.path}: the rows decoded at h's input size "
                                  f"({third.preprocessing.input_size} px) differ from those at f's; was the CSV or an "
@@ -191,7 +193,7 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: torch.from_numpy(np.array(third_images()[s:e])),
                             progress=rank == 0)
     online = third is not None and cfg.model.method != "clip" and cache is None
-    own_pixels = third_images() if online else None
+    own_pixels = rank0_first(third_images) if online else None  # rank 0 decodes, the others map its files
     return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cache, tokenizer,
                           with_images=cfg.model.method != "lit" or cache is None,
                           third_images=own_pixels if own_pixels is not None and own_pixels is not images else None,
