@@ -147,6 +147,12 @@ def caches_third(cfg: Config, third) -> bool:
     return cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None
 
 
+def online_third_size(cfg: Config, third) -> int:
+    """h's input size when h runs in every step (its pixels then travel in the batch); 0 otherwise."""
+    online = cfg.model.method != "clip" and cfg.data.third_embeddings == "online" and third is not None
+    return third.preprocessing.input_size if online else 0
+
+
 def _csv_third_images(cfg: Config, third, keys: list[str], progress: bool) -> Callable[[], np.ndarray]:
     """The CSV's rows decoded at h's input size, for h (loaded on first use: a complete cache needs none).
     No collective inside: the cache build calls it on rank 0 alone; callers on every rank wrap it in
@@ -185,18 +191,19 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         ds_id = dataset_id("csv", identity, len(keys))
         third_images = _csv_third_images(cfg, third, keys, rank == 0) if third is not None else None
     elif cfg.data.shard_access == "stream":
-        return StreamTrainData(cfg, rank, world_size, third_size=third.preprocessing.input_size if third else 0)
+        return StreamTrainData(cfg, rank, world_size, third_size=online_third_size(cfg, third))
     else:
         return indexed_shard_data(cfg, rank, world_size, third)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir, ds_id))
     tokens = tokenizer(captions)
     cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: torch.from_numpy(np.array(third_images()[s:e])),
                             progress=rank == 0)
-    online = third is not None and cfg.model.method != "clip" and cache is None
-    own_pixels = rank0_first(third_images) if online else None  # rank 0 decodes, the others map its files
+    # Online h on a CSV decoded at f's size needs its own pixels when its size differs (rank 0 decodes,
+    # the others map its files); the world's stored pixels serve f and h alike.
+    size = online_third_size(cfg, third)
+    own_pixels = rank0_first(third_images) if source == "csv" and size not in (0, cfg.model.image.image_size) else None
     return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cache, tokenizer,
-                          with_images=cfg.model.method != "lit" or cache is None,
-                          third_images=own_pixels if own_pixels is not None and own_pixels is not images else None,
+                          with_images=cfg.model.method != "lit" or cache is None, third_images=own_pixels,
                           bad=bad if rank == 0 else {})  # the trainer sums ranks' counts; one pass, counted once
 
 
@@ -209,9 +216,7 @@ def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, third=No
     shards = prepare_shards(cfg, urls, cache_root(cfg), third if cached else None, rank, world_size, report)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions(urls), cfg.train.output_dir,
                                                             shards.dataset_id))
-    online = third is not None and cfg.model.method != "clip" and not cached
-    return ShardTrainData(cfg, shards, tokenizer, rank, world_size,
-                          third_size=third.preprocessing.input_size if online else 0)
+    return ShardTrainData(cfg, shards, tokenizer, rank, world_size, third_size=online_third_size(cfg, third))
 
 
 def cache_summary(data: ArrayTrainData | ShardTrainData, third) -> str:
@@ -259,7 +264,7 @@ class StreamTrainData:
         self.dataset = ShardPairs(
             cfg.data.path, cfg.model.image.image_size, augment=cfg.data.augment, resampled=cfg.data.resampled,
             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank, world_size=world_size,
-            max_bad_fraction=cfg.data.max_bad_fraction, third_size=third_size if cfg.model.method != "clip" else 0,
+            max_bad_fraction=cfg.data.max_bad_fraction, third_size=third_size,
         )
         # A generator: the shards are only read if a tokenizer has to be trained.
         shards = dataset_id("shards", [(u, os.path.getsize(u) if os.path.isfile(u) else None) for u in self.dataset.urls])
