@@ -248,7 +248,9 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
                                 pin_memory=third.device.type == "cuda")
             ShardEmbeddings.build(embedding_dir, meta["name"], third, meta["identity"], meta["rows"], chunks)
     barrier_all()
-    tag = hashlib.sha256(json.dumps([urls, info and info["fingerprint"], info and info["preprocessing"]]).encode())
+    # Named by the shards and h's whole identity (its embedding folder), so that runs with two h's, or one h
+    # in two precisions, never share a manifest.
+    tag = hashlib.sha256(json.dumps([urls, str(embedding_dir) if embedding_dir else None]).encode())
     manifest_path = root / "manifests" / f"{tag.hexdigest()[:20]}.json"
     if rank == 0:
         write_json_atomic(manifest_path, _manifest(urls, index_dir, embedding_dir))
