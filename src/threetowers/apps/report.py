@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..core.atomic import write_text_atomic
-from .claims import HELD, MIN_SEEDS, check_claims, summary_table
+from .claims import HELD, MIN_SEEDS, WORLD, Metrics, check_claims, summary_table
 
 # Headline metrics of the table, in order: (key in the metrics dict, column title).
 COLUMNS = [
@@ -48,10 +48,18 @@ def _fmt(stat: tuple[float, float, int] | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+# Column titles of a prepared benchmark's metrics, by the metric's last part.
+TITLES = {"top1": "ZS {task} top-1", "i2t_R@1": "{task} I→T R@1", "t2i_R@1": "{task} T→I R@1"}
+
+
 def columns(agg: dict) -> list[tuple[str, str]]:
-    """The headline columns, plus few-shot at the largest number of shots that was run."""
+    """The headline columns (the world's, or each prepared set's top-1 and R@1), plus few-shot at
+    the largest number of shots that was run."""
     names = {m for metrics in agg.values() for m in metrics}
     cols = [c for c in COLUMNS if c[0] in names]
+    if not cols:
+        cols = [(m, TITLES[m.rsplit("/", 1)[1]].format(task=m.rsplit("/", 1)[0])) for m in sorted(names)
+                if m.rsplit("/", 1)[-1] in TITLES]
     for kind in ("object", "scene"):
         shots = sorted(int(m.split("/")[1][:-4]) for m in names if m.startswith(f"fewshot_{kind}/"))
         if shots:
@@ -70,19 +78,21 @@ def table(agg: dict, order: list[str]) -> str:
 def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str], chance: dict[str, float],
                  header: str = "", timings: dict[str, float] | None = None, heldout: dict[str, float] | None = None,
                  command: str = "threetowers demo", steps: int = 900,
-                 ceilings: dict[str, dict[str, float]] | None = None) -> str:
+                 ceilings: dict[str, dict[str, float]] | None = None, metrics: Metrics = WORLD,
+                 ceiling_note: str = "") -> str:
     """results.json, results.md (the claims' summary first) and plots; returns the markdown table.
     `chance`: each metric's chance level (1 / classes, 1 / images), for the "not testable" rule;
     `heldout`: each pretrained h's held-out top-1; `command` (the command line of the demo's preset)
     and `steps` (its runs' steps): what the ablation commands for claims not held start from;
     `ceilings`: each h's linear-probe accuracy per zero-shot task (demo.h_ceilings), shown beside
-    LiT and 3T."""
+    LiT and 3T, with `ceiling_note` (its protocol; default the world's); `metrics`: what the claims
+    average over (default the world's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
     order = ["CLIP"] + [label(m, t) for t in thirds for m in ("lit", "3t")]
     order = [lab for lab in order if lab in agg]
-    checked = check_claims(runs, thirds, chance)
+    checked = check_claims(runs, thirds, chance, metrics)
     seeds = len({r["seed"] for r in runs})
     md = [header, "## The paper's claims (C1–C6 × h)", "",
           f"Verdicts paired over seeds: held if the mean paired difference exceeds 2 standard errors (with at "
@@ -96,7 +106,7 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
            "Chance: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()), ""]
     if ceilings:
         md += ["## Each h's ceilings (linear probe on h's pre-logits, %)", "", ceiling_table(ceilings, agg), "",
-               CEILING_NOTE, ""]
+               ceiling_note or CEILING_NOTE, ""]
     md += ablation_plan(checked, command, steps, directory.name, seeds)
     if timings:
         md += ["", "## Time", "", "| phase | seconds |", "|---|---|"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -103,3 +104,40 @@ def write_wds_classification(root: str | Path, data: LabelledSet, split: str = "
     templates = [t.replace("{}", "{c}") for t in data.templates]
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
     return root
+
+
+def wds_set_kind(root: str | Path) -> str:
+    """"retrieval" or "classification": what CLIP_benchmark makes of the `wds/` set at `root`."""
+    kind = Path(root) / "dataset_type.txt"
+    return "retrieval" if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else "classification"
+
+
+def _wds_samples(root: Path, split: str):
+    nshards = int((root / split / "nshards.txt").read_text())
+    return wds.WebDataset([str(root / split / f"{i}.tar") for i in range(nshards)], shardshuffle=False,
+                          empty_check=False)
+
+
+def count_wds(root: str | Path, split: str = "test") -> int:
+    """The number of samples of one split of a `wds/` set (its tar headers only, no decoding)."""
+    check_dataset_root("wds/set", root, split)
+    return sum(1 for _ in _wds_samples(Path(root), split))
+
+
+def read_wds_classification(root: str | Path, split: str, image_size: int) -> LabelledSet:
+    """One split of a `wds/` zero-shot set as arrays (images resized, short side, and centre-cropped
+    to `image_size`, as `run_benchmark` feeds them): the twin of `write_wds_classification`, for
+    computing on the very images CLIP_benchmark scores (e.g. a linear probe on h's features)."""
+    root = Path(root)
+    check_dataset_root("wds/set", root, split)
+    transform = v2.Compose([v2.Resize(image_size, v2.InterpolationMode.BILINEAR, antialias=True),
+                            v2.CenterCrop(image_size)])
+    images, labels = [], []
+    for sample in _wds_samples(root, split).decode("pil"):
+        image = next(sample[k] for k in ("webp", "png", "jpg", "jpeg") if k in sample)
+        images.append(np.asarray(transform(image.convert("RGB"))))
+        labels.append(int(sample["cls"]))
+    names = [line.strip() for line in (root / "classnames.txt").read_text().splitlines() if line.strip()]
+    templates = [t.strip().replace("{c}", "{}") for t in
+                 (root / "zeroshot_classification_templates.txt").read_text().splitlines() if t.strip()]
+    return LabelledSet(np.stack(images), np.asarray(labels, dtype=np.int64), names, templates)

