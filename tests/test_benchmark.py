@@ -12,9 +12,9 @@ pytest.importorskip("clip_benchmark")
 from conftest import tiny_config  # noqa: E402
 from threetowers import create_model, save_model  # noqa: E402
 from threetowers.apps.cli import main  # noqa: E402
-from threetowers.core.sets import LabelledSet  # noqa: E402
+from threetowers.core.sets import CaptionedSet, LabelledSet  # noqa: E402
 from threetowers.data.tokenizer import Tokenizer  # noqa: E402
-from threetowers.eval.benchmark import run_benchmark, write_wds_classification  # noqa: E402
+from threetowers.eval.benchmark import run_benchmark, write_wds_classification, write_wds_retrieval  # noqa: E402
 from threetowers.eval.suite import evaluate  # noqa: E402
 
 CLASSES = ["red square", "green_circle", "blue star"]
@@ -50,6 +50,25 @@ def test_clip_benchmark_scores_equal_our_suite_on_the_same_images(tmp_path):
     for metric in ("top1", "top5", "mean_per_class_recall"):
         assert theirs[f"benchmark/wds/tiny/fp32/{metric}"] == pytest.approx(ours[f"tiny/{metric}"], abs=1e-9)
     assert theirs["benchmark/wds/tiny/fp32/top5"] == 1.0  # 3 classes: top-5 holds every class
+
+
+def test_clip_benchmark_retrieval_equals_our_suite_with_several_captions_per_image(tmp_path):
+    """Images with one or two captions each: CLIP_benchmark's R@k equal our suite's (the captions of
+    an image stay together through its batching)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
+    owners = [i for i in range(13) for _ in range(1 + i % 2)]
+    # distinct short captions of the tokenizer's words: three class names, the digits of j in base 3
+    captions = [f"{CLASSES[j % 3]} {CLASSES[j // 3 % 3]} {CLASSES[j // 9]}" for j in range(len(owners))]
+    data = CaptionedSet(images, captions, np.array(owners))
+    write_wds_retrieval(tmp_path / "ret", data)
+    cfg, model, tokenizer = model_and_tokenizer()
+    theirs = run_benchmark(model, tokenizer, "wds/ret", tmp_path / "ret", cfg.model.image.image_size, batch_size=4)
+    ours = evaluate(model, tokenizer, {"ret": data})
+    for k in (1, 5, 10):
+        assert theirs[f"benchmark/wds/ret/fp32/text_retrieval_recall@{k}"] == pytest.approx(ours[f"ret/i2t_R@{k}"])
+        assert theirs[f"benchmark/wds/ret/fp32/image_retrieval_recall@{k}"] == pytest.approx(ours[f"ret/t2i_R@{k}"])
+    assert 0 < ours["ret/t2i_R@5"] < 1  # not a degenerate case
 
 
 def test_a_dataset_root_without_its_files_is_one_clear_error(tmp_path):

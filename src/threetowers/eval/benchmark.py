@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from ..core.sets import LabelledSet
+from ..core.sets import CaptionedSet, LabelledSet
 from .zeroshot import zeroshot_accuracy
 
 
@@ -72,14 +72,20 @@ def run_benchmark(model: Any, tokenizer: Callable, name: str, root: str | Path, 
     # On the PIL image, as open_clip's transform does (so an exported model scores the same there).
     transform = v2.Compose([v2.Resize(image_size, v2.InterpolationMode.BILINEAR, antialias=True),
                             v2.CenterCrop(image_size), v2.ToImage(), v2.RGB(), v2.ToDtype(torch.float32, scale=True)])
-    dataset = builder.build_dataset(name, root=str(root), transform=transform, split=split, download=False)
     task = builder.get_dataset_default_task(name) if not name.startswith("wds/") else (
-        "zeroshot_retrieval" if dataset.classes is None else "zeroshot_classification")
+        "zeroshot_retrieval" if wds_set_kind(root) == "retrieval" else "zeroshot_classification")
+    dataset = builder.build_dataset(name, root=str(root), transform=transform, split=split, download=False, task=task)
     device = str(next(model.parameters()).device) if isinstance(model, torch.nn.Module) else "cpu"
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=builder.get_dataset_collate_fn(name))
+    if name.startswith("wds/"):  # batched by webdataset, as CLIP_benchmark's command line does: a
+        # retrieval sample's captions stay one list per image (torch's default_collate would transpose them)
+        loader = DataLoader(dataset.batched(batch_size), batch_size=None)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=builder.get_dataset_collate_fn(name))
     model.eval()
     if task == "zeroshot_retrieval":
-        scores = retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=[1, 5, 10])
+        # R@k for k up to the gallery's size (CLIP_benchmark fails on a larger k)
+        ks = [k for k in (1, 5, 10) if not name.startswith("wds/") or k <= count_wds(root, split)]
+        scores = retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=ks)
     else:
         classes = [c.replace("_", " ") for c in dataset.classes]
         classifier = classification.zero_shot_classifier(model, tokenizer, classes, dataset.templates, device, amp)
@@ -103,6 +109,22 @@ def write_wds_classification(root: str | Path, data: LabelledSet, split: str = "
     (root / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
     templates = [t.replace("{}", "{c}") for t in data.templates]
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root
+
+
+def write_wds_retrieval(root: str | Path, data: CaptionedSet, split: str = "test") -> Path:
+    """A captioned set in CLIP_benchmark's webdataset retrieval layout (one shard of PNG + .txt
+    members, an image's captions one per line; `dataset_type.txt` = retrieval)."""
+    root = Path(root)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    captions: list[list[str]] = [[] for _ in range(len(data.images))]
+    for caption, owner in zip(data.captions, data.image_of_text):
+        captions[int(owner)].append(" ".join(caption.split()))  # one line each
+    with wds.TarWriter(str(root / split / "0.tar")) as sink:
+        for i, (image, texts) in enumerate(zip(data.images, captions)):
+            sink.write({"__key__": f"{i:07d}", "png": Image.fromarray(image), "txt": "\n".join(texts)})
+    (root / split / "nshards.txt").write_text("1\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
     return root
 
 
