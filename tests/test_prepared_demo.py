@@ -66,7 +66,7 @@ def prepared_benchmark(root) -> None:
 def test_the_demo_on_a_prepared_benchmark_trains_on_its_shards_and_scores_with_clip_benchmark(tmp_path):
     prepared_benchmark(tmp_path / "bench")
     demo = load_demo_config("demo/clipart", [f"output_dir={tmp_path / 'demo'}", f"benchmark={tmp_path / 'bench'}",
-                                             "seeds=[0]", "imagenet_input_size=32",
+                                             "seeds=[0]", "imagenet_input_size=32", "benchmark_tasks=[]",
                                              f"overrides=[{','.join(TINY_RUN)}]"])
     result = run_demo(demo)
     report = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -88,6 +88,21 @@ def test_the_demo_on_a_prepared_benchmark_trains_on_its_shards_and_scores_with_c
     assert set(result["timings"]) == {"ceilings", "cache", "train", "eval"}
     # the runs read the shards through their index, with h's embeddings cached per shard
     assert list((tmp_path / "demo" / "cache").rglob("*.npy"))
+
+
+def test_sets_below_the_bar_are_not_scored_but_h_s_ceilings_on_them_are_shown(tmp_path):
+    prepared_benchmark(tmp_path / "bench")
+    run_demo(load_demo_config("demo/clipart", [f"output_dir={tmp_path / 'demo'}", f"benchmark={tmp_path / 'bench'}",
+                                               "seeds=[0]", "imagenet_input_size=32",
+                                               "benchmark_tasks=[colours_retrieval]",
+                                               f"overrides=[{','.join(TINY_RUN)}]"]))
+    report = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for run in report["runs"]:
+        assert set(run["metrics"]) == {f"colours_retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5)}
+    assert {c["id"] for c in report["claims"]} == {"C1", "C2"}  # no zero-shot set scored: no C3, no C5
+    assert set(report["ceilings"]["imagenet"]) == {"colours_category"}
+    md = (tmp_path / "demo" / "results.md").read_text()
+    assert "| imagenet | " in md and " / – / –" in md and "ZS colours_category" not in md
 
 
 def test_a_prepared_benchmark_is_checked_before_any_work(tmp_path):
