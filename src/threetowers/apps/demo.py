@@ -327,11 +327,14 @@ def split_mixing(results: dict[str, float]) -> tuple[dict, dict]:
 
 def settings_line(demo: DemoConfig) -> str:
     """What this demo ran, for the report's header: enough to run it again."""
-    line = (f"presets {demo.base} and {demo.pretrain}; seeds {list(demo.seeds)}; third towers {list(demo.thirds)}; "
+    presets = demo.base if demo.benchmark else f"{demo.base} and {demo.pretrain}"  # a benchmark pretrains no h
+    line = (f"presets {presets}; seeds {list(demo.seeds)}; third towers {list(demo.thirds)}; "
             f"methods {list(demo.methods)}")
+    if demo.benchmark:
+        line += f"; benchmark {demo.benchmark} ({', '.join(demo.benchmark_tasks) or 'every set'})"
     if demo.overrides:
         line += "; every run with " + ", ".join(f"`{o}`" for o in demo.overrides)
-    if demo.pretrain_overrides:
+    if demo.pretrain_overrides and not demo.benchmark:
         line += "; pretraining with " + ", ".join(f"`{o}`" for o in demo.pretrain_overrides)
     return line
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,11 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
         md += [f"**{seeds} seed(s): there is no spread to judge a difference by, so no claim is judged** "
                f"(run with at least {MIN_SEEDS} seeds, e.g. the full `threetowers demo`).", ""]
     md += [summary_table(checked, list(thirds)), "", "## Results (mean ± std over seeds, %)", "", table(agg, order), "",
-           "Chance: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()), ""]
+           "Chance: " + ", ".join(f"{k} {percent(v)}" for k, v in chance.items()), ""]
     if ceilings:
         md += ["## Each h's ceilings (linear probe on h's pre-logits, %)", "", ceiling_table(ceilings, agg), "",
                ceiling_note or CEILING_NOTE, ""]
-    md += ablation_plan(checked, command, steps, directory.name, seeds)
+    md += ablation_plan(checked, command, steps, directory.name, seeds, mixing=any(r.get("mixing") for r in runs))
     if timings:
         md += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
@@ -116,7 +117,8 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
     write_text_atomic(directory / "results.md", text)
     write_text_atomic(directory / "results.json", json.dumps(
         {"runs": runs, "aggregate": {k: {m: list(s) for m, s in v.items()} for k, v in agg.items()},
-         "claims": checked, "chance": chance, "timings": timings or {}, "heldout_top1": heldout or {},
+         "claims": checked, "claim_metrics": asdict(metrics), "chance": chance, "timings": timings or {},
+         "heldout_top1": heldout or {},
          "ceilings": ceilings or {}}, indent=1))
     return summary_table(checked, list(thirds)) + "\n\n" + table(agg, order) + (
         "\n\n" + ceiling_table(ceilings, agg) if ceilings else "")
@@ -160,8 +162,13 @@ HYPOTHESES = [
 ]
 
 
+def percent(value: float) -> str:
+    """A fraction as a percentage: one decimal, or two significant digits below 1% (chance 0.053%)."""
+    return f"{100 * value:.1f}%" if value >= 0.01 else f"{100 * value:.2g}%"
+
+
 def ablation_plan(checked: list[dict], command: str = "threetowers demo", steps: int = 900, name: str = "demo-out",
-                  seeds: int = MIN_SEEDS) -> list[str]:
+                  seeds: int = MIN_SEEDS, mixing: bool = True) -> list[str]:
     """For claims that did not hold: the hypotheses and the demo command that tests each one: the
     demo's preset (`command`, `steps`) with one override, in a folder of its own beside `name`."""
     failed = [c for c in checked if c["verdict"] != HELD]
@@ -179,8 +186,9 @@ def ablation_plan(checked: list[dict], command: str = "threetowers demo", steps:
     for why, methods, folder, run in HYPOTHESES:
         folder, run = (x.format(longer=3 * steps) for x in (folder, run))
         md.append(f"- {why}: `{base} methods=[{methods}] output_dir={name}-{folder} {run}`")
-    md += ["", "The mixing sweep (`mixing.png`) shows whether the 3T model's own LiT-like pair (h_g(h), g_h) "
-           "learned what LiT learns: if mixing it in closes the gap, the gap lies in f, not in the objective."]
+    if mixing:
+        md += ["", "The mixing sweep (`mixing.png`) shows whether the 3T model's own LiT-like pair (h_g(h), g_h) "
+               "learned what LiT learns: if mixing it in closes the gap, the gap lies in f, not in the objective."]
     return md
 
 
