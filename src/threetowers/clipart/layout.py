@@ -1,22 +1,18 @@
-"""The output layouts: img2dataset's webdataset shards for training, CLIP_benchmark's `wds/` folders for tests.
-
-Every file is written atomically (`core.atomic`), so an interrupted build leaves no half-written shard
-under a final name. Tar members carry fixed metadata (mtime 0, no owner), so the same pairs give
-byte-identical shards.
+"""The build's pairs in the output layouts: img2dataset's webdataset shards for training,
+CLIP_benchmark's `wds/` folders for tests (written by `core.tar_layouts`: atomically, and
+byte-identical for the same pairs).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..core.atomic import write_json_atomic
+from ..core.tar_layouts import chunks, write_classification_set, write_retrieval_set, write_tar
 
 TRAIN_SHARD = 1_000    # samples a training shard, as img2dataset's default
-TEST_SHARD = 10_000    # samples a test shard: every test set here fits in one
 
 
 @dataclass(frozen=True)
@@ -33,22 +29,6 @@ class Pair:
     def text(self) -> str:
         """A retrieval sample's KEY.txt: the caption, then the other names of the same image, one a line."""
         return "\n".join((self.caption, *self.also))
-
-
-def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    """A tar of samples {"__key__": key, ext: bytes, ...}, members KEY.ext in order."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def write_train(out: Path, pairs: list[Pair]) -> str:
@@ -70,26 +50,17 @@ def write_train(out: Path, pairs: list[Pair]) -> str:
     return f"train/{{00000..{len(shards) - 1:05d}}}.tar"
 
 
-def write_split(root: Path, split: str, samples: list[dict[str, bytes]]) -> None:
-    shards = chunks(samples, TEST_SHARD)
-    for n, shard in enumerate(shards):
-        write_tar(root / split / f"{n}.tar", shard)
-    write_text_atomic(root / split / "nshards.txt", f"{len(shards)}\n")
-
-
 def write_retrieval(root: Path, pairs: list[Pair]) -> None:
     """CLIP_benchmark's retrieval layout: test/N.tar of KEY.png + KEY.txt (one caption a line),
     test/nshards.txt, dataset_type.txt = retrieval."""
-    write_split(root, "test", [{"__key__": f"{i:09d}", "png": p.png, "txt": p.text.encode("utf-8")}
+    write_retrieval_set(root, [{"__key__": f"{i:09d}", "png": p.png, "txt": p.text.encode("utf-8")}
                                for i, p in enumerate(pairs)])
-    write_text_atomic(root / "dataset_type.txt", "retrieval\n")
 
 
 def write_classification(root: Path, splits: dict[str, list[Pair]], classes: list[str], templates: list[str]) -> None:
     """CLIP_benchmark's zero-shot classification layout: SPLIT/N.tar of KEY.png + KEY.cls (the class index as
     text), SPLIT/nshards.txt, classnames.txt, zeroshot_classification_templates.txt (with {c})."""
-    for split, pairs in splits.items():
-        write_split(root, split, [{"__key__": f"{i:09d}", "png": p.png,
-                                   "cls": str(classes.index(p.category)).encode()} for i, p in enumerate(pairs)])
-    write_text_atomic(root / "classnames.txt", "\n".join(classes) + "\n")
-    write_text_atomic(root / "zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
+    write_classification_set(root, {split: [{"__key__": f"{i:09d}", "png": p.png,
+                                             "cls": str(classes.index(p.category)).encode()}
+                                            for i, p in enumerate(pairs)] for split, pairs in splits.items()},
+                             classes, templates)

@@ -18,6 +18,7 @@ Known pitfalls of clip-benchmark 1.6.2, and what is done about each:
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from ..core.sets import CaptionedSet, LabelledSet
+from ..core.tar_layouts import write_classification_set, write_retrieval_set
 from .zeroshot import zeroshot_accuracy
 
 
@@ -96,36 +98,31 @@ def run_benchmark(model: Any, tokenizer: Callable, name: str, root: str | Path, 
     return {f"benchmark/{name}/{precision}/{k}": float(v) for k, v in scores.items()}
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
 def write_wds_classification(root: str | Path, data: LabelledSet, split: str = "test") -> Path:
-    """A labelled set in CLIP_benchmark's webdataset layout (one shard of PNG + .cls members,
-    `classnames.txt`, `zeroshot_classification_templates.txt` with `{c}`), e.g. to score an exported
-    model with CLIP_benchmark's own command line on the same images as `threetowers eval --benchmark`."""
-    root = Path(root)
-    (root / split).mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(root / split / "0.tar")) as sink:
-        for i, (image, label) in enumerate(zip(data.images, data.labels)):
-            sink.write({"__key__": f"{i:07d}", "png": Image.fromarray(image), "cls": int(label)})
-    (root / split / "nshards.txt").write_text("1\n")
-    (root / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
-    templates = [t.replace("{}", "{c}") for t in data.templates]
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
-    return root
+    """A labelled set in CLIP_benchmark's webdataset layout (PNG + .cls members, `classnames.txt`,
+    `zeroshot_classification_templates.txt` with `{c}`), e.g. to score an exported model with
+    CLIP_benchmark's own command line on the same images as `threetowers eval --benchmark`."""
+    samples = [{"__key__": f"{i:07d}", "png": png_bytes(image), "cls": str(int(label)).encode()}
+               for i, (image, label) in enumerate(zip(data.images, data.labels))]
+    return write_classification_set(Path(root), {split: samples}, list(data.class_names),
+                                    [t.replace("{}", "{c}") for t in data.templates])
 
 
-def write_wds_retrieval(root: str | Path, data: CaptionedSet, split: str = "test") -> Path:
-    """A captioned set in CLIP_benchmark's webdataset retrieval layout (one shard of PNG + .txt
-    members, an image's captions one per line; `dataset_type.txt` = retrieval)."""
-    root = Path(root)
-    (root / split).mkdir(parents=True, exist_ok=True)
+def write_wds_retrieval(root: str | Path, data: CaptionedSet) -> Path:
+    """A captioned set in CLIP_benchmark's webdataset retrieval layout (PNG + .txt members, an
+    image's captions one a line; `dataset_type.txt` = retrieval)."""
     captions: list[list[str]] = [[] for _ in range(len(data.images))]
     for caption, owner in zip(data.captions, data.image_of_text):
         captions[int(owner)].append(" ".join(caption.split()))  # one line each
-    with wds.TarWriter(str(root / split / "0.tar")) as sink:
-        for i, (image, texts) in enumerate(zip(data.images, captions)):
-            sink.write({"__key__": f"{i:07d}", "png": Image.fromarray(image), "txt": "\n".join(texts)})
-    (root / split / "nshards.txt").write_text("1\n")
-    (root / "dataset_type.txt").write_text("retrieval\n")
-    return root
+    return write_retrieval_set(Path(root), [{"__key__": f"{i:07d}", "png": png_bytes(image),
+                                             "txt": "\n".join(texts).encode("utf-8")}
+                                            for i, (image, texts) in enumerate(zip(data.images, captions))])
 
 
 def wds_set_kind(root: str | Path) -> str:
