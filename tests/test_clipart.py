@@ -22,7 +22,9 @@ from PIL import Image, ImageDraw
 
 from threetowers.apps.cli import main
 from threetowers.clipart import prepare_clipart
+from threetowers.clipart.build import split
 from threetowers.clipart.clean import caption_key, clean_title
+from threetowers.clipart.layout import Pair
 
 REAL_RSVG = shutil.which("rsvg-convert") is not None
 FAKE_RSVG = f"""#!{sys.executable}
@@ -286,13 +288,23 @@ def test_kept_and_dropped_with_reasons(built):
 def test_split_by_caption(built):
     out, manifest = built
     got = pairs(out)
-    train = {caption_key(p["caption"]) for p in got["train"] if p["source"] != "emoji-google"}
+    train = {caption_key(p["caption"]) for p in got["train"]}  # emoji names included
     test = {caption_key(p["caption"]) for p in got["clipart_retrieval"]}
     assert train and test and not train & test
     flowers = [p for split in ("train", "clipart_retrieval") for p in got[split] if p["caption"] == "A flower"]
     assert len(flowers) == 6  # all six in one split, none dropped as a set name
     assert manifest["splits"]["train"] == len(got["train"])
     assert manifest["splits"]["clipart_retrieval"] == len(got["clipart_retrieval"])
+
+
+def test_a_drawing_named_like_a_training_emoji_is_never_held_out():
+    """With almost every caption held out, "An ox" (the emoji "OX" trains) and only it stays in training."""
+    def pair(source, caption, i):
+        return Pair(source, f"x/{i}.png", caption, None, b"", f"{i:064x}")
+    drawings = [pair("tuxpaint", c, i) for i, c in enumerate(["An ox", "A frog", "A hut", "A red car", "A kite"])]
+    sets = split([*drawings, pair("emoji-google", "ox", 9)], seed=0, heldout_fraction=0.999)
+    assert [p.caption for p in sets["clipart_retrieval"]] == ["A frog", "A hut", "A red car", "A kite"]
+    assert sorted(p.caption for p in sets["train"]) == ["An ox", "ox"]
 
 
 def test_images_cropped_square_on_white(built):

@@ -12,7 +12,8 @@ Order of work (each item gets exactly one drop reason, the first that applies; `
    within each emoji style;
 5. splits. Emoji: every Google-style image trains; the Twitter-style images are the cross-style test
    sets. openclipart + Tux Paint: held out BY CAPTION (sha256 of the seed and the caption's key below
-   `heldout_fraction`), so a caption is never in both training and test. Training pairs are in a seeded
+   `heldout_fraction`), so a caption is never in both training and test; a drawing whose caption is a
+   training emoji's name ("Butterfly") always trains, for the same reason. Training pairs are in a seeded
    hash order (shards mix the sources); test sets in path order.
 
 Everything is sorted or hashed, never in dict or file-system order, so the same packages and options
@@ -43,7 +44,8 @@ from .sources import (
     read_tuxpaint,
 )
 
-FORMAT = 1  # bump when a rule changes what a build holds: an older build then counts as changed
+FORMAT = 2  # bump when a rule changes what a build holds: an older build then counts as changed
+# (2: a drawing whose caption names a training emoji is never held out)
 SOURCES = ("openclipart", "tuxpaint", "emoji-google", "emoji-twitter")
 OURS = {"train", "wds", "_sources", "manifest.json"}  # what a build writes into OUT_DIR
 LICENCES = {
@@ -151,9 +153,13 @@ def split(pairs: list[Pair], seed: int, heldout_fraction: float) -> dict[str, li
     """The pairs of every output set (step 5 of the module docstring), in their order."""
     by_path = sorted(pairs, key=lambda p: (p.source, p.origin))
     clipart = [p for p in by_path if p.source in ("openclipart", "tuxpaint")]
-    test_clipart = [p for p in clipart if heldout(p.caption, seed, heldout_fraction)]
-    train_clipart = [p for p in clipart if not heldout(p.caption, seed, heldout_fraction)]
     google = [p for p in by_path if p.source == "emoji-google"]
+    # A drawing named like a training emoji ("Butterfly", "A horse") trains: no held-out caption is
+    # ever seen in training, whichever source it trained with.
+    emoji_names = {caption_key(p.caption) for p in google}
+    held = [heldout(p.caption, seed, heldout_fraction) and caption_key(p.caption) not in emoji_names for p in clipart]
+    test_clipart = [p for p, h in zip(clipart, held) if h]
+    train_clipart = [p for p, h in zip(clipart, held) if not h]
     twitter = [p for p in by_path if p.source == "emoji-twitter"]
     train = sorted(train_clipart + google,
                    key=lambda p: hashlib.sha256(f"{seed}\n{p.source}\n{p.origin}".encode()).hexdigest())
