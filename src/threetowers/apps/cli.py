@@ -30,7 +30,7 @@ from ..model.factory import build_third
 from ..training.checkpoint import CheckpointError
 from ..world import World
 from .demo import load_demo_config, run_demo
-from .prepare import add_prepare
+from .cli_prepare import add_prepare
 
 DESCRIPTION = """\
 threetowers: contrastive vision-language training with pretrained image models.
