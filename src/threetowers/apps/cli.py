@@ -319,7 +319,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                    "prepared by `threetowers prepare clipart`, scored by CLIP_benchmark.",
                        epilog="examples:\n  threetowers demo                       # the full run (about 20 min on 2 cores)\n"
                               "  threetowers demo --quick               # a first look (one seed; about 2 min)\n"
-                              "  threetowers demo --preset demo/clipart benchmark=clipart-data   # real drawings (13 min)\n"
+                              "  threetowers demo --preset demo/clipart benchmark=clipart-data   # real drawings (14 min)\n"
                               "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t] output_dir=demo-object\n"
                               "  threetowers demo methods=[3t] output_dir=demo-per_term --run model.third.heads=per_term\n"
                               "  threetowers demo output_dir=demo-weights --run loss.weights=[0.5,0.25,0.25] --run train.steps=2700\n\n"
