@@ -190,6 +190,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"data.world.object_scale={cfg.data.world.object_scale} must be in [0.5, 2]")
     if cfg.data.source != "world" and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 = off; e.g. 0.999)")
     validate_eval(cfg.eval)
     per_rank = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:

@@ -177,6 +177,9 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard (the JSONL log is always written)
     grad_checkpointing: bool = False  # recompute the towers' activations in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the training step's model (same results to rounding; pays off on GPUs)
+    # An EMA of the trained weights (training/ema.py), 0 = off; e.g. 0.999 averages ~1/(1-0.999) = 1000 steps.
+    # When on, the final model/ (what is evaluated and exported) holds the EMA; checkpoints keep the raw weights too.
+    ema_decay: float = 0.0
     # The device's peak FLOP/s in the training precision, for the logged model-FLOPs utilisation
     # (perf/mfu); 0 = not reported. E.g. H100/H200 SXM bf16 dense 989e12, A100 bf16 312e12 (docs/benchmarks.md).
     peak_flops: float = 0.0

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `<output_dir>/checkpoints/step_0000200/` holding the model files (as
 the job writes them: model.safetensors + model.json [+ tokenizer.json]), `train_state.pt`
-(optimizer, scheduler, every rank's RNG states, step, world size, config), `config.yaml`, and a
+(optimizer, scheduler, every rank's RNG states, step, world size, config), `config.yaml`, the EMA
+of the weights in `ema.safetensors` when train.ema_decay > 0 (`ema.py`), and a
 `manifest.json` written LAST that records each file's size and sha256. The directory is written
 under a temporary name, fsync'd, then renamed into place, so a reader sees a whole checkpoint or
 none; a checkpoint whose files do not match its manifest (truncated, corrupt, half-copied) is

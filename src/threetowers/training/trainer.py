@@ -15,8 +15,9 @@ the whole step's batch. Gradients are summed over the micro-batches before the o
 the usual trade (open_clip's default): accumulation saves memory but does not add negatives.
 
 Exact resume: the data are a pure function of (seed, step, rank), so a checkpoint stores the step
-and the loader does the rest; weights, optimizer, schedule and every rank's RNG states are restored
-bit for bit. On CPU a killed and resumed run ends with the same weights as an uninterrupted one.
+and the loader does the rest; weights, optimizer, schedule, the EMA of the weights (`ema.py`, with
+train.ema_decay > 0) and every rank's RNG states are restored bit for bit. On CPU a killed and
+resumed run ends with the same weights (and EMA) as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .checkpoint import (
     TRAIN_STATE, atomic_directory, check_writable, find_resume, list_checkpoints,
     load_train_state, rng_state, save_checkpoint, set_aside, set_rng_state,
 )
+from .ema import WeightsEMA
 from .nonfinite import NonFiniteSteps, TrainingStopped
 from .resume import check_resumable, report_on_main, restore_rng, seed_everything
 from .flops import train_flops_per_pair, utilisation
@@ -85,7 +87,7 @@ class TrainResult:
     step: int
     metrics: dict[str, Any]  # the last logged training metrics and the last evaluation
     curve: list[dict] = field(default_factory=list, repr=False)  # every logged record of the run (metrics.jsonl)
-    model: nn.Module | None = field(default=None, repr=False)  # the trained model, on its device, in eval mode
+    model: nn.Module | None = field(default=None, repr=False)  # the final model (as in model_dir), on its device, eval mode
     tokenizer: Any = field(default=None, repr=False)
     data_seconds: float = 0.0  # time spent building the data (world, tokenizer, h's embedding cache)
 
@@ -215,6 +217,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, info.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
+    ema = WeightsEMA(model, tc.ema_decay)  # does nothing with train.ema_decay=0
 
     # --- resume: rank 0 picks the checkpoint, every rank loads it (output_dir is shared storage)
     resume_from = on_main(info, lambda: _str_or_none(find_resume(out, tc.resume, report)))
@@ -227,6 +230,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         scheduler.load_state_dict(state["scheduler"])
         start, skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
         restore_rng(state["rng"], info.rank, info.device, cfg.train.seed, start, report)
+        ema.restore(Path(resume_from), start, report)
         # The bad samples counted before the checkpoint (totals over ranks), so that counts go on from there.
         bad_before = {str(k): int(v) for k, v in state.get("bad_samples", {}).items()} if info.is_main else {}
         report(f"resuming from {resume_from} at step {start}")
@@ -238,13 +242,15 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
         for step, path in list_checkpoints(out):
             if step > start:  # a different timeline (resume=never, or an older checkpoint chosen)
                 set_aside(path, "superseded", report)
-        # Weights + two AdamW moments per checkpoint kept, one more being written, and the final model.
-        per_ckpt = 3 * sum(p.numel() * p.element_size() for p in trainable)
+        # Weights + two AdamW moments (+ the EMA) per checkpoint kept, one more being written, and the final model.
+        per_ckpt = 3 * sum(p.numel() * p.element_size() for p in trainable) + ema.nbytes
         check_writable(out, need_bytes=per_ckpt * (tc.keep_checkpoints + 1) + per_ckpt // 3)
         write_text_atomic(out / "config.yaml", to_yaml(cfg))
         report(f"{job.name}: {cfg.model.method if job.name == 'train' else 'classifier'}, {tc.steps} steps, "
                f"batch {tc.batch_size} on {info.world_size} process(es), {info.device.type}, {tc.precision}; "
                f"{n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters -> {out}")
+        if ema.on:
+            report(ema.describe())
 
     on_main(info, prepare)
     if tc.grad_checkpointing:
@@ -270,6 +276,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
 
         def write(tmp: Path) -> None:
             job.save_model(model, tmp)
+            ema.save(tmp)
             state = {"step": step, "world_size": info.world_size, "job": job.name,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
                      "nonfinite_skipped": skipped, "bad_samples": bad, "config": to_dict(cfg)}
@@ -292,6 +299,10 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
     def update() -> None:
         optimizer.step()
         after_update()
+
+    def evaluate_model(step: int) -> dict[str, Any]:  # rank 0; the EMA when on (the model that model/ will hold)
+        with ema.swapped_in():
+            return _evaluate(evaluate, unwrap(ddp), step)
 
     nonfinite = NonFiniteSteps(optimizer, tc, skipped, info.device)
     batches: Iterator[dict] = iter(job.data.batches(start))
@@ -318,6 +329,9 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             lr = scheduler.get_last_lr()[0]
             done = step + 1
             skipped_now = nonfinite.apply(keys, values, done, update)  # decided on the device
+            # Not inside update(): fused AdamW runs update() on a skipped step too (found_inf), so the EMA
+            # takes the device flag and leaves itself unchanged on such a step.
+            ema.update(skipped_now)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             t_step = time.perf_counter() - t0
@@ -343,7 +357,7 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 window = _Window()
             if eval_now:
                 try:
-                    last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), done))
+                    last_eval = on_main(info, lambda: evaluate_model(done))
                     logger.log(done, last_eval)
                 except Exception as err:  # noqa: BLE001  (raised after the model is saved, below)
                     eval_error = err
@@ -353,14 +367,16 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
                 last_ckpt = checkpoint(done)
 
         if start >= tc.steps and evaluate is not None:
-            last_eval = on_main(info, lambda: _evaluate(evaluate, unwrap(ddp), start))
+            last_eval = on_main(info, lambda: evaluate_model(start))
         model_dir = out / "model"
+        ema.copy_to_model()  # the final model is the EMA when on; the raw weights stay in the last checkpoint
 
         check_finite(max(start, tc.steps))
 
         def write_final() -> None:
             with atomic_directory(model_dir, {"step": max(start, tc.steps)}) as tmp:
                 job.save_model(model, tmp)
+                ema.mark(tmp)
             logger.write(f"{job.name} done: step {max(start, tc.steps)}, model in {model_dir}")
 
         on_main(info, write_final)
