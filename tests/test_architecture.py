@@ -17,7 +17,7 @@ from threetowers.towers.vit import VisionTransformer
 PACKAGE = Path(threetowers.__file__).parent
 # Lower layers never import higher ones; a layer's packages may import each other only within themselves.
 LAYERS = [["core"], ["schema"], ["towers"], ["third"], ["config"], ["model", "world", "clipart"], ["data"], ["eval"],
-          ["training", "interop"], ["__init__"], ["apps"], ["__main__"]]
+          ["training", "interop", "inference"], ["__init__"], ["apps"], ["__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Imports inside functions keep these optional dependencies optional; nothing else may hide there.
 OPTIONAL = {"efficientnet_lite_pytorch", "clip_benchmark", "open_clip", "transformers"}

@@ -112,3 +112,39 @@ def test_clip_benchmark_scores_the_export_as_threetowers_eval_does(tmp_path, mon
     assert theirs["acc1"] == pytest.approx(ours["benchmark/wds/tiny/fp32/top1"], abs=1e-9)
     assert theirs["mean_per_class_recall"] == pytest.approx(ours["benchmark/wds/tiny/fp32/mean_per_class_recall"],
                                                             abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- architectures by name
+
+
+@pytest.mark.parametrize("method", ["3t"])  # a 3T model exports its (f, g) pair, as CLIP does (~15 s each on 2 cores)
+def test_an_architecture_by_name_exports_as_open_clips_own(tmp_path, method):
+    """model.arch=ViT-B-32 is open_clip's ViT-B-32: the export's config has its shape and open_clip encodes alike."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from threetowers.config import load_config
+    from threetowers.data.clip_bpe import clip_bpe_tokenizer
+
+    third = ["model.third.source=checkpoint"] if method == "3t" else []
+    cfg = load_config(None, ["model.arch=ViT-B-32", f"model.method={method}", *third])
+    tokenizer = clip_bpe_tokenizer(cfg.model.text.context_length)
+    # The vocabulary size comes from the tokenizer (train sets it so); CLIP's BPE has open_clip's 49,408 ids.
+    cfg.model.text.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = create_model(cfg, third=fake_third() if method == "3t" else None).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(model, tmp_path / "model")
+    tokenizer.save(tmp_path / "model" / "tokenizer.json")
+    out = export_open_clip(tmp_path / "model", tmp_path / "oc")
+
+    exported = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    theirs = open_clip.get_model_config("ViT-B-32")
+    vision, text = CLIPVisionCfg(**theirs["vision_cfg"]), CLIPTextCfg(**theirs["text_cfg"])
+    assert exported["embed_dim"] == theirs["embed_dim"] and exported["quick_gelu"] is False
+    for key in ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "pool_type", "no_ln_pre"):
+        assert exported["vision_cfg"][key] == getattr(vision, key), key
+    for key in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"):
+        assert exported["text_cfg"][key] == getattr(text, key), key
+    diff = check_parity(tmp_path / "model", out, n_images=2)  # open_clip's tokens equal ours too
+    assert diff["image"] <= 1e-5 and diff["text"] <= 1e-5

@@ -9,7 +9,8 @@ Run as a script (`python train_helpers.py train tiny ...`, or under torchrun) it
 `threetowers` command with this data in place of the real loader, so the tests exercise the real
 CLI, trainer and checkpoints in seconds. Environment knobs for the tests: TT_STEP_DELAY (seconds
 of sleep per batch, to give a killer time), TT_NAN_STEPS (comma-separated 0-based steps whose
-images are NaN).
+images are NaN). With TT_REAL_DATA=1 the real loader (world, shards) stays, and the knobs of
+`install_test_knobs` (step delay, a SIGKILL at a step, slow checkpoint and cache writes) apply.
 """
 
 from __future__ import annotations
@@ -97,6 +98,52 @@ def sigkill_after_first_checkpoint(process: subprocess.Popen, output_dir: Path, 
     assert process.wait() == -signal.SIGKILL
 
 
+class Hooked:
+    """Any training data, as the loop reads it, with a test's knobs: `delay` seconds of sleep before each
+    batch, and TT_SIGKILL_AT_STEP=S (with TT_SIGKILL_RANK=R, default 0, and TT_SIGKILL_MARKER=FILE):
+    rank R kills itself with SIGKILL when the loop asks for step S's batch (0-based), once: FILE marks
+    that it happened, so that the group torchrun restarts goes past that step."""
+
+    def __init__(self, data, delay: float = 0.0):
+        self.data, self.delay = data, delay
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batches(self, start_step: int):
+        kill_at = int(os.environ.get("TT_SIGKILL_AT_STEP", "-1"))
+        marker = Path(os.environ.get("TT_SIGKILL_MARKER", "sigkill.marker"))
+        rank = int(os.environ.get("RANK", "0"))
+        for step, batch in enumerate(self.data.batches(start_step), start_step):
+            if step == kill_at and rank == int(os.environ.get("TT_SIGKILL_RANK", "0")) and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.delay:
+                time.sleep(self.delay)
+            yield batch
+
+
+def install_test_knobs(real_data: bool) -> None:
+    """The knobs every driven run has (see `Hooked`), plus TT_SLOW_CHECKPOINT=S (S seconds per file of a
+    checkpoint's manifest: a window to signal a run while it writes one) and TT_SLOW_SHARD=S (S seconds
+    before each shard of h's embeddings: a window to signal a run while it builds its cache)."""
+    import threetowers.training.checkpoint as checkpoint
+    import threetowers.training.contrastive as job
+    from threetowers.third.store import ShardEmbeddings
+
+    build_data = job.build_train_data
+    delay = float(os.environ.get("TT_STEP_DELAY", "0")) if real_data else 0.0  # SyntheticData sleeps by itself
+    job.build_train_data = lambda *args, **kwargs: Hooked(build_data(*args, **kwargs), delay)
+    slow_file = float(os.environ.get("TT_SLOW_CHECKPOINT", "0"))
+    if slow_file:
+        hash_file = checkpoint.sha256_file
+        checkpoint.sha256_file = lambda path: time.sleep(slow_file) or hash_file(path)
+    slow_shard = float(os.environ.get("TT_SLOW_SHARD", "0"))
+    if slow_shard:
+        build_shard = ShardEmbeddings.build.__func__
+        ShardEmbeddings.build = classmethod(lambda cls, *a, **k: time.sleep(slow_shard) or build_shard(cls, *a, **k))
+
+
 def install() -> None:
     """Make the contrastive job build SyntheticData instead of the real loader (in this process)."""
     import threetowers.training.contrastive as job
@@ -107,7 +154,9 @@ def install() -> None:
 
 
 if __name__ == "__main__":
-    install()
+    if not os.environ.get("TT_REAL_DATA"):
+        install()
+    install_test_knobs(real_data=bool(os.environ.get("TT_REAL_DATA")))
     from threetowers.apps.cli import main
 
     sys.exit(main())

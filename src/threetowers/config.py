@@ -23,9 +23,12 @@ from .schema import (  # noqa: F401  (re-exported: the config's face)
     PretrainConfig, TextTowerConfig, ThirdTowerConfig, TrainConfig, WorldConfig, fill_added_fields,
 )
 from .core.distributed import world_size_from_env
+from .core.preemption import signal_number
 from .third.registry import source_names
+from .towers.open_clip_arch import arch_layer, read_open_clip_config
 
 PRESET_DIR = Path(__file__).parent / "configs"
+ARCH_DIR = PRESET_DIR / "arch"  # model.arch: open_clip's architectures by name, `model:` fields only
 
 # ----------------------------------------------------------------------------- validation
 
@@ -38,6 +41,8 @@ _CHOICES = {
     "model.text.pool": ("eot", "mean", "cls"),
     "model.image.init": ("clip", "torch"),
     "model.text.init": ("clip", "torch"),
+    "model.image.act": ("gelu", "quick_gelu"),
+    "model.text.act": ("gelu", "quick_gelu"),
     "model.third.heads": ("none", "shared", "per_term"),
     "model.third.precision": ("auto", "fp32", "bf16"),
     "loss.kind": ("softmax", "sigmoid"),
@@ -126,6 +131,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if ds not in PRETRAIN_DATASETS[:-1] and not (ds.startswith("folder:") and len(ds) > len("folder:")):
         raise ConfigError(f"pretrain.dataset={ds!r} is not allowed; choose one of {', '.join(PRETRAIN_DATASETS)}")
     m = cfg.model
+    validate_init(cfg)
     if m.image.kind == "vit":
         if m.image.image_size % m.image.patch_size:
             raise ConfigError(
@@ -192,6 +198,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 = off; e.g. 0.999)")
+    validate_stopping(cfg.train)
     validate_eval(cfg.eval)
     per_rank = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:
@@ -201,6 +208,37 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"train.batch_size per rank ({per_rank}) is not divisible by train.grad_accum={cfg.train.grad_accum}"
         )
     return cfg
+
+
+def validate_init(cfg: Config) -> None:
+    """model.init_from's settings that contradict each other (its files are read when the config is loaded)."""
+    m = cfg.model
+    if m.init_config and not m.init_from:
+        raise ConfigError(f"model.init_config={m.init_config!r} names the architecture of model.init_from, "
+                          "which is empty; set model.init_from=FILE (or use model.arch to train that shape from scratch)")
+    if not m.init_from:
+        return
+    if m.arch:
+        raise ConfigError(f"model.arch={m.arch} and model.init_from={m.init_from} both name an architecture; the open_clip "
+                          "model's config sets it (for a weights file: model.init_config), so drop model.arch")
+    if m.text.kind != "transformer":
+        raise ConfigError(f"model.init_from loads open_clip's text transformer into g; model.text.kind={m.text.kind} "
+                          "has no place for it")
+    if cfg.data.tokenizer:
+        raise ConfigError("model.init_from brings its own tokenizer (the one its text tower was trained with); "
+                          "leave data.tokenizer empty")
+
+
+def validate_stopping(t: TrainConfig) -> None:
+    """train.stop_signals name signals a process can catch; train.checkpoint_minutes is 0 (off) or more."""
+    for name in t.stop_signals:
+        try:
+            signal_number(str(name))
+        except ValueError as err:
+            raise ConfigError(f"train.stop_signals={list(t.stop_signals)}: {err}") from None
+    if not (math.isfinite(t.checkpoint_minutes) and t.checkpoint_minutes >= 0):
+        raise ConfigError(f"train.checkpoint_minutes={t.checkpoint_minutes} must be > 0 (the minutes between two "
+                          "checkpoints) or 0 (off)")
 
 
 WORLD_TASKS = ("zeroshot_object", "zeroshot_scene", "retrieval", "fewshot_object", "fewshot_scene")
@@ -260,24 +298,35 @@ def resolve_preset(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    names = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+    names = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml")
+                   if ARCH_DIR not in p.parents)
     raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(names)}")
 
 
 def load_config(
-    preset: str | Path | None = None, overrides: list[str] | dict | None = None, world_size: int = 1
+    preset: str | Path | None = None, overrides: list[str] | dict | None = None, world_size: int = 1,
+    base: dict | None = None,
 ) -> Config:
-    """Defaults <- YAML preset (may name `defaults: [other]` presets first) <- overrides, validated."""
+    """Defaults <- YAML preset (may name `defaults: [other]` presets first) <- the architecture that
+    model.arch or model.init_from names <- overrides, validated: an explicit override beats the
+    architecture, which beats the preset's towers. `base`: a resolved config (a saved one, a Config's
+    dict) over the defaults; an architecture is layered over it only if the preset or overrides name one."""
     valid = _all_keys(Config())
     merged = OmegaConf.structured(Config)
     try:
-        if preset is not None:
-            for layer in _preset_layers(resolve_preset(str(preset))):
-                _check_keys(layer, valid, "preset")
-                merged = OmegaConf.merge(merged, layer)
+        if base is not None:
+            _check_keys(base, valid, "config")
+            merged = OmegaConf.merge(merged, base)
+        layers = [("preset", layer) for layer in _preset_layers(resolve_preset(str(preset)))] if preset is not None else []
         if overrides:
-            layer = override_layer(overrides)
-            _check_keys(OmegaConf.to_container(layer), valid, "overrides")
+            layers.append(("overrides", OmegaConf.to_container(override_layer(overrides))))
+        for where, layer in layers:
+            _check_keys(layer, valid, where)
+        architecture = _architecture_layer({key: _last_set(layers, key) for key in ("arch", "init_from", "init_config")})
+        if architecture:
+            _check_keys(architecture, valid, "model.arch / model.init_from")
+            layers.insert(len(layers) - bool(overrides), ("", architecture))
+        for _, layer in layers:
             merged = OmegaConf.merge(merged, layer)
     except (ValidationError, ConfigKeyError) as err:
         raise ConfigError(f"{err.full_key}: {str(err.msg).splitlines()[0]}") from None
@@ -285,6 +334,37 @@ def load_config(
         raise ConfigError(str(err)) from None
     cfg: Config = OmegaConf.to_object(merged)
     return validate(cfg, world_size)
+
+
+def _last_set(layers: list[tuple[str, dict]], key: str) -> str:
+    """model.<key> as the last of `layers` that sets it has it ("" if none does)."""
+    values = [layer["model"][key] for _, layer in layers if isinstance(layer.get("model"), dict) and key in layer["model"]]
+    return str(values[-1]) if values and values[-1] is not None else ""
+
+
+def arch_names() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
+
+
+def _architecture_layer(model: dict) -> dict:
+    """The `model:` fields that model.arch (a file in configs/arch/) or model.init_from (an open_clip
+    model's config) names, or {} when neither is set."""
+    if model["init_from"] and not model["arch"]:  # both set: refused by validate_init, with the reason
+        return arch_layer(*read_open_clip_config(model["init_from"], model["init_config"]))
+    if not model["arch"]:
+        return {}
+    names = arch_names()
+    if model["arch"] not in names:
+        close = difflib.get_close_matches(model["arch"], names, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"model.arch={model['arch']!r} is not an architecture threetowers knows{hint} "
+                          f"Choose one of {', '.join(names)} (files in {ARCH_DIR})")
+    layer: dict = {}
+    for part in _preset_layers(ARCH_DIR / f"{model['arch']}.yaml"):
+        if set(part) - {"model"}:
+            raise ConfigError(f"{ARCH_DIR / model['arch']}.yaml may set only model: fields, not {sorted(set(part) - {'model'})}")
+        layer = OmegaConf.to_container(OmegaConf.merge(layer, part))
+    return layer
 
 
 def override_layer(overrides: list[str] | dict) -> DictConfig:
@@ -313,7 +393,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Rebuild a Config saved with a run or checkpoint (unknown keys are an error)."""
-    return load_config(None, fill_added_fields(data))
+    return load_config(None, base=fill_added_fields(data))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -328,5 +408,4 @@ def resolve_config(cfg_or_preset: Config | str | Path, overrides: list[str] | di
         return load_config(cfg_or_preset, overrides, world_size=world_size)
     if not overrides:
         return validate(copy.deepcopy(cfg_or_preset), world_size)
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg_or_preset)), override_layer(overrides))
-    return load_config(None, OmegaConf.to_container(merged), world_size=world_size)
+    return load_config(None, overrides, world_size=world_size, base=to_dict(cfg_or_preset))

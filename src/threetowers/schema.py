@@ -38,6 +38,7 @@ class ImageTowerConfig:
     pre_norm: bool = True  # a LayerNorm on the embedded patches before the first block (CLIP's ln_pre)
     patch_bias: bool = False  # a bias in the patch embedding (redundant with pre_norm's offset)
     init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
+    act: str = "gelu"  # the blocks' activation: gelu | quick_gelu (OpenAI's CLIP weights; open_clip's quick_gelu)
     timm_name: str = ""  # kind=timm: model name, created with num_classes=0 (pooled features)
     weights: str = ""  # optional local weights file (safetensors or state dict) for kind=timm
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -60,6 +61,7 @@ class TextTowerConfig:
     causal: bool = True
     pool: str = "eot"  # eot (the end-of-text token) | mean (over valid tokens) | cls (the first token; kind=hf)
     init: str = "clip"  # clip (CLIP's scheme; see models/blocks.py) | torch (PyTorch's layer defaults)
+    act: str = "gelu"  # the blocks' activation: gelu | quick_gelu (OpenAI's CLIP weights; open_clip's quick_gelu)
 
 
 @dataclass
@@ -81,6 +83,15 @@ class ModelConfig:
     method: str = "clip"  # clip | lit | 3t
     embed_dim: int = 128  # the shared space of f and g
     head: str = "linear"  # projection/adaptor head kind: linear | mlp
+    # An open_clip architecture by name (configs/arch/: ViT-B-32, ViT-B-16, ViT-L-14), layered over the preset and
+    # beneath the command line's overrides. Kept as a record: once loaded, the tower fields hold the shape.
+    arch: str = ""
+    # Start from an open_clip model: local-dir:PATH (a `threetowers export` / open_clip local-dir folder) or a
+    # weights file (.pt, .bin, .safetensors) whose architecture init_config names (an open_clip model name such
+    # as ViT-B-32, or a model_cfg JSON file). Its architecture is layered like arch; f, g, their projections and
+    # the (f, g) temperature start from its weights (LiT: g's trunk only). A resumed run takes its checkpoint.
+    init_from: str = ""
+    init_config: str = ""
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     third: ThirdTowerConfig = field(default_factory=ThirdTowerConfig)
@@ -162,8 +173,14 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32
     threads: int = 0  # torch threads; 0 = leave torch's default
     checkpoint_every: int = 200
+    # A checkpoint also when this many minutes of wall time (rank 0's clock) have passed since the last one,
+    # whatever the step time: bounds the work a hard kill loses (0 = off). docs/scale.md, "Pre-emption and restarts".
+    checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | PATH
+    # Signals that stop the run cleanly: every rank finishes its step, a checkpoint is written, exit status 75
+    # (core/preemption.py). Without SIGINT here, Ctrl-C interrupts at once (exit status 130).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     on_nonfinite: str = "stop"  # stop | skip
     # With on_nonfinite=skip: stop anyway after this many skipped steps in a row, or in all.
     max_consecutive_skips: int = 5

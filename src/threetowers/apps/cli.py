@@ -2,8 +2,9 @@
 
 Each subcommand is one `add_<name>(subparsers)` function that registers its parser and sets
 `func(args) -> exit status`; `main` dispatches and turns user errors into one-line messages:
-config errors exit with status 2, other user errors and stopped runs with 1. Set
-THREETOWERS_DEBUG=1 for full tracebacks.
+config errors exit with status 2, other user errors and stopped runs with 1; a run stopped cleanly
+by a stop signal (train.stop_signals: its state saved, run it again to go on) with 75
+(core/preemption.py); Ctrl-C outside such a stop with 130. Set THREETOWERS_DEBUG=1 for full tracebacks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .. import (
 )
 from ..core.atomic import write_json_atomic
 from ..core.distributed import barrier, init_distributed, shutdown, world_size_from_env
+from ..core.preemption import EXIT_PREEMPTED, Preempted, stop_on_signals
 from ..data.loader import build_train_data, cache_root, cache_summary
 from ..eval.benchmark import write_wds_classification
 from ..eval.tasks import benchmark_saved
@@ -31,6 +33,7 @@ from ..training.checkpoint import CheckpointError
 from ..world import World
 from .demo import load_demo_config, run_demo
 from .cli_prepare import add_prepare
+from .cli_use import add_classify, add_embed
 
 DESCRIPTION = """\
 threetowers: contrastive vision-language training with pretrained image models.
@@ -45,6 +48,8 @@ examples:
   threetowers train 3t                            # Three Towers with that h
   threetowers eval runs/3t/model                  # zero-shot, retrieval, few-shot, mixing
   threetowers export runs/3t/model exported       # an open_clip model directory (local-dir:exported)
+  threetowers embed runs/3t/model photos/ --out emb   # embeddings of your images (or --texts captions.txt)
+  threetowers classify runs/3t/model photos/ --labels "a cat,a dog"   # zero-shot over your own labels
   threetowers world show world.png                # look at the embedded benchmark
   threetowers prepare clipart data/clipart --emoji-google G.tgz --emoji-twitter T.tgz   # real captioned drawings
   threetowers train --help                        # options of one subcommand
@@ -201,7 +206,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)  # under torchrun, the ranks split the shards
     try:
         third = build_third(cfg, info.device)  # h runs on the rank's device
-        summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
+        with stop_on_signals(cfg.train.stop_signals):  # a stop signal stops the build between two shards
+            summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
         barrier(info)
         if info.is_main:
             print(summary)
@@ -363,7 +369,8 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
 # Subcommands in the order `--help` lists them; a new one is an `add_<name>` function added here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_demo, add_train, add_pretrain, add_eval, add_export, add_cache, add_world, add_prepare, add_sources]
+    add_demo, add_train, add_pretrain, add_eval, add_export, add_embed, add_classify, add_cache, add_world, add_prepare,
+    add_sources]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"threetowers: error: {err}", file=sys.stderr)
         return 1
+    except Preempted as err:
+        print(f"threetowers: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("threetowers: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)

@@ -30,6 +30,8 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .preemption import Preempted, preempted
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -222,12 +224,32 @@ def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
 
 
 def rank0_first(make: Callable[[], Any]) -> Any:
-    """Run `make` on rank 0, then on the other ranks (which find its files on disk and reuse them)."""
+    """Run `make` on rank 0, then on the other ranks (which find its files on disk and reuse them).
+
+    A stop signal that stops rank 0's `make` between two of its parts (`Preempted`, e.g. between two
+    shards of h's cache) stops every rank here, rather than leaving them waiting for rank 0."""
     if not is_distributed():
         return make()
-    result = make() if dist.get_rank() == 0 else None
-    _collective("rank0_first", dist.barrier)
+    result, stopped = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = make()
+        except Preempted as err:
+            stopped = err
+    if any_rank(stopped is not None, "rank0_first"):  # also the barrier: the other ranks wait for rank 0 here
+        raise stopped or preempted("while rank 0 prepared the data (what it finished is kept)")
     return result if dist.get_rank() == 0 else make()
+
+
+def any_rank(flag: bool, wrapper: str = "any_rank") -> bool:
+    """Whether `flag` is true on any rank (`flag` itself without a process group): one small
+    all-reduce, which is also a barrier. For decisions every rank must take alike, such as a stop."""
+    if not is_distributed():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([float(flag)], device=device)
+    _collective(wrapper, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
+    return bool(value.item())
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:

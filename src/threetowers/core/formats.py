@@ -25,11 +25,14 @@ CLASSIFIER_FORMAT = "threetowers-classifier"  # a classifier of `threetowers pre
 CHECKPOINT_FORMAT = "threetowers-checkpoint"  # a training checkpoint's manifest.json
 CACHE_FORMAT = "threetowers-feature-cache"  # h's embedding cache's manifest.json (arrays; one per shard)
 SHARD_INDEX_FORMAT = "threetowers-shard-index"  # a shard's <name>.index.json beside its .index.npy
+EMBEDDINGS_FORMAT = "threetowers-embeddings"  # index.json of `threetowers embed`'s output (parts: CACHE_FORMAT)
 # The newest version of each format this code reads and writes.
-VERSIONS = {MODEL_FORMAT: 1, CLASSIFIER_FORMAT: 1, CHECKPOINT_FORMAT: 1, CACHE_FORMAT: 1, SHARD_INDEX_FORMAT: 1}
+VERSIONS = {MODEL_FORMAT: 1, CLASSIFIER_FORMAT: 1, CHECKPOINT_FORMAT: 1, CACHE_FORMAT: 1, SHARD_INDEX_FORMAT: 1,
+            EMBEDDINGS_FORMAT: 1}
 _DESCRIPTIONS = {MODEL_FORMAT: "a contrastive model (CLIP/LiT/3T)", CLASSIFIER_FORMAT: "a classifier of `threetowers pretrain`",
                  CHECKPOINT_FORMAT: "a training checkpoint", CACHE_FORMAT: "an embedding cache of h",
-                 SHARD_INDEX_FORMAT: "the index of a webdataset shard"}
+                 SHARD_INDEX_FORMAT: "the index of a webdataset shard",
+                 EMBEDDINGS_FORMAT: "the embeddings written by `threetowers embed`"}
 
 
 class FormatError(ValueError):

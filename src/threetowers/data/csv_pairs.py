@@ -54,6 +54,26 @@ def _delimiter(path: Path, head: str) -> str:
         raise ValueError(f"cannot tell the delimiter of {path}; name it .csv or .tsv") from None
 
 
+def read_columns(path: Path, columns: dict[str, str]) -> dict[str, list[str | None]]:
+    """The named columns of a CSV/TSV file with a header row, in row order. `columns` maps each column
+    to the setting that names it (for the message when the header lacks it)."""
+    # surrogateescape: one row with broken bytes is a bad sample, not a broken file.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f, delimiter=_delimiter(path, f.read(65536)))
+        f.seek(0)
+        header = reader.fieldnames or []
+        for column, field in columns.items():
+            if column not in header:
+                raise ValueError(f"{path}: no column {column!r} ({field}); the header has {header}")
+        values: dict[str, list[str | None]] = {column: [] for column in columns}
+        for row in reader:
+            for column, kept in values.items():
+                kept.append(row[column])
+    if not next(iter(values.values()), []):
+        raise ValueError(f"{path} has a header but no rows")
+    return values
+
+
 class CsvPairs(Dataset):
     """Image-text pairs listed in a CSV/TSV file with a header row; image paths are relative to
     the file's folder (absolute paths work too). The key of a sample is its path as written.
@@ -77,21 +97,9 @@ class CsvPairs(Dataset):
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"data.path={str(path)!r}: no such CSV/TSV file")
-        # surrogateescape: one row with broken bytes is a bad sample, not a broken file.
-        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter=_delimiter(self.path, f.read(65536)))
-            f.seek(0)
-            header = reader.fieldnames or []
-            for column, field in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
-                if column not in header:
-                    raise ValueError(f"{self.path}: no column {column!r} ({field}); the header has {header}")
-            images, captions = [], []
-            for row in reader:
-                images.append(row[image_column] or None)
-                captions.append(row[caption_column])
-        if not images:
-            raise ValueError(f"{self.path} has a header but no rows")
-        self.images, self.captions = _Strings(images), _Strings(captions)
+        columns = read_columns(self.path, {image_column: "data.image_column", caption_column: "data.caption_column"})
+        self.images = _Strings([image or None for image in columns[image_column]])
+        self.captions = _Strings(columns[caption_column])
         self.counter = BadSampleCounter(max_bad_fraction, min_seen)
         self.decode = SampleDecoder(image_size, augment, self.counter, max_pixels)
 
@@ -147,10 +155,15 @@ def csv_identity(csv_path: Path, keys: Sequence[str]) -> str:
     """A digest of the file, every usable row's image path in order, and each image file's size and
     modification time: the cheap content check (one stat per row) that an h cache or a tokenizer built
     for these rows is keyed by, so that an edited CSV or a replaced image never reuses them."""
-    digest = hashlib.sha256(str(csv_path.resolve()).encode())
+    return files_digest(str(csv_path.resolve()), csv_path.parent, keys)
+
+
+def files_digest(salt: str, folder: Path, keys: Sequence[str]) -> str:
+    """A digest of `salt` and each file `folder / key`'s path, size and modification time, in order."""
+    digest = hashlib.sha256(salt.encode())
     for key in keys:
         try:
-            st = (csv_path.parent / key).stat()
+            st = (folder / key).stat()
             digest.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         except OSError:
             digest.update(f"{key}\0missing\n".encode("utf-8", "surrogateescape"))

@@ -33,11 +33,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.atomic import write_json_atomic
-from ..core.distributed import barrier_all
+from ..core.distributed import any_rank, barrier_all
+from ..core.preemption import preempted, stop_requested
 from ..schema import Config
 from ..third.store import ShardEmbeddings, cache_dir_for
 from .order import check_rows, step_loader, step_rows, substitutes
-from .samples import BadSampleCounter, SampleDecoder, clean_caption
+from .samples import BadSampleCounter, SampleDecoder, clean_caption, decode_chunk
 from .shard_index import ensure_index, open_index, read_member, shard_name
 from .shards import expand_shards
 from .transforms import DEFAULT_MAX_PIXELS, SampleError
@@ -226,12 +227,17 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
 
     Each rank checks or builds every world_size-th shard (a killed build redoes only the shard it
     was in; a shard rewritten since, or embeddings made by another h, are rebuilt with a message
-    naming the shard and the reason); then rank 0 writes the manifest every rank reads."""
+    naming the shard and the reason); then rank 0 writes the manifest every rank reads. A stop signal
+    stops each rank between two of its shards (`Preempted` on every rank, what is finished kept)."""
     index_dir = root / "index"
     info = third.info() if third is not None else None
     embedding_dir = cache_dir_for(root, info, "shards") if info else None
     mine = [i for i in range(len(urls)) if i % world_size == rank]
+    ready = len(mine)
     for n, i in enumerate(mine):
+        if stop_requested():  # between two shards: every finished one is kept, the next run goes on from here
+            ready = n
+            break
         meta = ensure_index(urls[i], index_dir, report)
         if info is None:
             continue
@@ -242,12 +248,13 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
             if cfg.train.progress:
                 report(f"h's embeddings: shard {n + 1} of {len(mine)} on this rank ({urls[i]}, {meta['rows']} samples)")
             # h's pixels: decoded at h's own input size (never f's), as online h gets them too.
-            chunks = DataLoader(_ShardChunks(urls[i], index_dir, meta["name"], third.preprocessing.input_size,
+            chunks = DataLoader(ShardChunks(urls[i], index_dir, meta["name"], third.preprocessing.input_size,
                                              cfg.data.cache_batch_size),
                                 batch_size=None, num_workers=cfg.data.num_workers,
                                 pin_memory=third.device.type == "cuda")
             ShardEmbeddings.build(embedding_dir, meta["name"], third, meta["identity"], meta["rows"], chunks)
-    barrier_all()
+    if any_rank(ready < len(mine)):  # also the barrier before the manifest
+        raise preempted(f"while preparing the shards ({ready} of this rank's {len(mine)} ready and kept)")
     # Named by the shards and h's whole identity (its embedding folder), so that runs with two h's, or one h
     # in two precisions, never share a manifest.
     tag = hashlib.sha256(json.dumps([urls, str(embedding_dir) if embedding_dir else None]).encode())
@@ -280,11 +287,13 @@ def _manifest(urls: list[str], index_dir: Path, embedding_dir: Path | None) -> d
             "shard_bad": shard_bad, "dataset_id": "shards-" + hashlib.sha256(repr(identity).encode()).hexdigest()[:16]}
 
 
-class _ShardChunks(Dataset):
-    """Item i: rows [i·b, (i+1)·b) of one shard, decoded at h's input size without augmentation (what h sees)."""
+class ShardChunks(Dataset):
+    """Item i: rows [i·b, (i+1)·b) of one shard, decoded at h's input size without augmentation (what h sees).
 
-    def __init__(self, url: str, index_dir: Path, name: str, image_size: int, chunk: int):
-        self.url, self.index_dir, self.name, self.chunk = url, index_dir, name, chunk
+    `captions=False` (embedding a trained tower's view of images): a row needs its image only."""
+
+    def __init__(self, url: str, index_dir: Path, name: str, image_size: int, chunk: int, captions: bool = True):
+        self.url, self.index_dir, self.name, self.chunk, self.captions = url, index_dir, name, chunk, captions
         self.rows = len(open_index(index_dir, name))
         self.decoder = SampleDecoder(image_size, False, BadSampleCounter(1.0), DEFAULT_MAX_PIXELS)
 
@@ -293,14 +302,12 @@ class _ShardChunks(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         records = open_index(self.index_dir, self.name)
-        good, images, bad = [], [], {}
         with open(self.url, "rb") as fh:
-            for row in range(i * self.chunk, min((i + 1) * self.chunk, self.rows)):
-                try:
-                    image, caption = read_member(fh, records[row]["image"]), read_member(fh, records[row]["caption"])
-                    images.append(self.decoder.decode(image, caption)[0])
-                    good.append(row)
-                except SampleError as err:
-                    bad[row] = err.reason
-        return {"rows": torch.tensor(good, dtype=torch.long),
-                "image": torch.stack(images) if images else torch.zeros(0), "bad": bad}
+            def pixels(record) -> torch.Tensor:
+                image = read_member(fh, record["image"])
+                if not self.captions:
+                    return self.decoder.decode_image(image)
+                return self.decoder.decode(image, read_member(fh, record["caption"]))[0]
+
+            rows = range(i * self.chunk, min((i + 1) * self.chunk, self.rows))
+            return decode_chunk((row, lambda record=records[row]: pixels(record)) for row in rows)

@@ -26,6 +26,7 @@ from ..core.distributed import rank0_first
 from ..schema import Config
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
 from ..world import World
+from .clip_bpe import open_clip_tokenizer
 from .csv_pairs import load_csv_arrays
 from .indexed import ShardTrainData, prepare_shards, shard_urls
 from .order import check_rows, global_indices, step_loader
@@ -106,8 +107,9 @@ def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: st
     with the same vocabulary size: a new run on other data in the same output directory trains its own.
     """
     context = cfg.model.text.context_length
-    if cfg.model.text.kind == "hf":  # a pretrained encoder reads its own tokenizer (saved with the run)
-        tokenizer = load_tokenizer(Path(cfg.model.text.name) / "tokenizer.json", cfg.model.text)
+    if cfg.model.text.kind == "hf" or cfg.model.init_from:  # a pretrained g reads its own tokenizer (saved with the run)
+        tokenizer = open_clip_tokenizer(cfg.model) if cfg.model.init_from else \
+            load_tokenizer(Path(cfg.model.text.name) / "tokenizer.json", cfg.model.text)
         if output_dir:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             tokenizer.save(Path(output_dir) / "tokenizer.json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,23 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def decode_chunk(rows: Iterable[tuple[int, Callable[[], torch.Tensor]]]) -> dict:
+    """A chunk of rows decoded without augmentation, for a frozen or trained tower to embed:
+    {"rows": int tensor of the rows decoded, "image": float [b, 3, S, S], "bad": {row: reason}}.
+
+    Each row comes with a callable that decodes it; a `SampleError` marks the row bad (by reason)
+    instead of stopping the chunk, so that one broken image costs one row, never a part."""
+    good, images, bad = [], [], {}
+    for row, decode in rows:
+        try:
+            images.append(decode())
+            good.append(row)
+        except SampleError as err:
+            bad[row] = err.reason
+    return {"rows": torch.tensor(good, dtype=torch.long), "image": torch.stack(images) if images else torch.zeros(0),
+            "bad": bad}
+
+
 class SampleDecoder:
     """Shared by both readers: (image source, caption) -> sample, or a counted skip.
 
@@ -187,7 +204,13 @@ class SampleDecoder:
         if image is None:
             raise SampleError("missing_image", "no image")
         text = clean_caption(caption)
-        return self.transform(decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side)), text
+        return self.decode_image(image), text
+
+    def decode_image(self, image: bytes | Path | None) -> torch.Tensor:
+        """The image alone (no caption needed: embedding a user's images), or `SampleError`; uncounted."""
+        if image is None:
+            raise SampleError("missing_image", "no image")
+        return self.transform(decode_rgb(image, max_pixels=self.max_pixels, keep_side=self.keep_side))
 
     def decode_views(self, image: bytes | Path | None, caption: bytes | str | None) -> dict:
         """{"image", "caption"[, "third_image"]}, or `SampleError`; uncounted."""

@@ -15,6 +15,11 @@ truncation) is ignored; we append the eot and pad ourselves. A pretrained text e
 `[CLS] ... [SEP]`, whose `[SEP]` is then the eot) and must pad with id 0. If its id 0 is not a pad token,
 every id is shifted up by one so that 0 stays free for padding (`vocab_size` includes the shift).
 If it has no end-of-text token, `<eot>` is added to it (and saved with it).
+
+CLIP's vocabulary (open_clip's default tokenizer, `data/clip_bpe.py`) has a real token at id 0 ("!")
+that doubles as padding, and starts every sequence with `<|startoftext|>`. Its tokenizer.json says so
+itself: its `padding` names id 0, a real token, as the pad token. Such a file is used as written: its
+post-processor adds its start and end tokens, truncation keeps both, and ids are not shifted.
 """
 
 from __future__ import annotations
@@ -40,11 +45,14 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, context_length: int, own_specials: bool = False) -> None:
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must be >= 2 (at least one token plus the eot)")
+        declared = hf.padding or {}
+        # id 0 is a real token that the file itself declares as its padding (CLIP's "!"): use it as written
+        self.zero_pads = declared.get("pad_id") == 0 and hf.id_to_token(0) not in PAD_NAMES
         hf.no_padding()
         hf.no_truncation()
-        self.own_specials = own_specials
+        self.own_specials = own_specials = own_specials or self.zero_pads
         if own_specials:
-            if hf.id_to_token(0) not in PAD_NAMES:
+            if hf.id_to_token(0) not in PAD_NAMES and not self.zero_pads:
                 raise ValueError(f"this tokenizer's id 0 is {hf.id_to_token(0)!r}, not a padding token; a pretrained "
                                  "text encoder needs padding at id 0 (BERT-style vocabularies have [PAD] there)")
             # Its post-processor adds its special tokens; truncation leaves room for them.
@@ -101,7 +109,11 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically (temp file in the same folder, then rename)."""
-        write_text_atomic(path, self.hf.to_str(pretty=True))
+        hf = self.hf
+        if self.zero_pads:  # keep the declaration that id 0 doubles as padding, which `from_file` reads
+            hf = HFTokenizer.from_str(hf.to_str())
+            hf.enable_padding(pad_id=0, pad_token=hf.id_to_token(0))
+        write_text_atomic(path, hf.to_str(pretty=True))
 
     # ------------------------------------------------------------------ use
 
@@ -143,7 +155,7 @@ class Tokenizer:
         for i in ids:
             if i == self.eot_id:
                 break
-            if i != self.pad_id:
+            if i != self.pad_id or self.zero_pads:
                 kept.append(i - self.offset)
         return self.hf.decode(kept, skip_special_tokens=True).strip()
 
@@ -152,13 +164,13 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         # The flag is not part of the Rust tokenizer's serialised state (pickle, tokenizer.json).
-        self.__dict__.update({"own_specials": False, **state})
+        self.__dict__.update({"own_specials": False, "zero_pads": False, **state})
         self.hf.encode_special_tokens = True
 
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, "
-            f"eot={self.eot_token!r}, offset={self.offset}, own_specials={self.own_specials})"
+            f"eot={self.eot_token!r}, offset={self.offset}, own_specials={self.own_specials}, zero_pads={self.zero_pads})"
         )
 
 

@@ -25,6 +25,7 @@ from ..world import World
 from .benchmark import check_dataset_root, run_benchmark
 from .fewshot import fewshot_eval
 from .suite import encode_images, evaluate
+from .zeroshot import DEFAULT_TEMPLATES
 
 
 @dataclass
@@ -70,7 +71,7 @@ def folder_task(root: str, image_size: int, max_images: int) -> LabelledSet:
     """Zero-shot classification over a folder with one subfolder per class (names = subfolder names)."""
     data = class_folder(root, image_size, max_images, seed=0, what=f"eval task zeroshot:{root}")
     return LabelledSet(data.images, data.labels, [c.replace("_", " ") for c in data.class_names],
-                       ["a photo of a {}.", "a picture of a {}.", "an image of the {}."])
+                       list(DEFAULT_TEMPLATES))
 
 
 def csv_task(cfg: Config, path: str) -> CaptionedSet:
@@ -145,7 +146,7 @@ def load_saved(model_dir: str | Path, overrides: list[str] | None = None, mixing
     base = fill_added_fields(meta["config"])
     if overrides:
         base = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), override_layer(overrides)))
-    cfg = load_config(None, base)
+    cfg = load_config(None, base=base)  # a saved config: its architecture is in its fields
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"{directory} has no tokenizer.json; the model cannot encode text without it")

@@ -17,6 +17,10 @@ from tqdm import tqdm
 
 from threetowers.eval.retrieval import ScorePair, check_ks, check_labels, check_score_pairs, positive_ranks
 
+# The prompts of a user's own classes (`zeroshot:FOLDER` in `threetowers eval`, and `threetowers classify`
+# without --templates): one constant, so that both score the same class embeddings.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.")
+
 
 def class_embeddings(
     encode_text: Callable[[Tensor], Tensor],

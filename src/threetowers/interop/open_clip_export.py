@@ -6,12 +6,12 @@ The directory holds `open_clip_config.json` (model and preprocessing config), th
 which open_clip reads through `transformers.AutoTokenizer`). What is exported is the inference
 pair of CLIP and 3T: f and g with their projections (h is not needed at inference).
 
-Our towers map onto open_clip's exactly, parameter for parameter, except for two things that
-are mapped rather than copied: a bias on the patch embedding (open_clip's has none) is folded
-into the patch tokens' position embeddings, which it is added to anyway; and our projections
-(`nn.Linear`, [out, in]) become open_clip's matrices ([in, out]). Whatever open_clip cannot
-represent is refused with the setting that differs. After writing, `check_parity` loads the
-directory with open_clip and compares embeddings with ours.
+Our towers map onto open_clip's exactly, parameter for parameter (the table, shared with the import
+of `model.init_from`, is `towers/open_clip_arch.py`), except for two things that are mapped rather than
+copied: a bias on the patch embedding (open_clip's has none) is folded into the patch tokens' position
+embeddings, which it is added to anyway; and our projections (`nn.Linear`, [out, in]) become
+open_clip's matrices ([in, out]). Whatever open_clip cannot represent is refused with the setting that
+differs. After writing, `check_parity` loads the directory with open_clip and compares embeddings with ours.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from ..eval.tasks import load_saved
 from ..model.factory import read_model_meta
 from ..model.three_towers import ThreeTowers
 from ..schema import Config
+from ..towers.open_clip_arch import CONFIG_FILE as CONFIG
+from ..towers.open_clip_arch import TOWER_PREFIXES, WEIGHT_FILES, open_clip_name, text_cfg, to_open_clip, vision_cfg
 
-WEIGHTS = "open_clip_model.safetensors"
-CONFIG = "open_clip_config.json"
+WEIGHTS = WEIGHT_FILES[0]
 
 
 class UnsupportedExport(ValueError):
@@ -75,6 +76,9 @@ def check_exportable(cfg: Config, tokenizer: Tokenizer) -> None:
         problems.append("model.text.causal=false (open_clip's text transformer masks padding only when causal)")
     if m.text.pool != "eot":
         problems.append(f"model.text.pool={m.text.pool} (open_clip pools the end-of-text token)")
+    if m.image.kind == "vit" and m.image.act != m.text.act:
+        problems.append(f"model.image.act={m.image.act} with model.text.act={m.text.act} (open_clip has one "
+                        "activation, quick_gelu or not, for both towers)")
     if tokenizer.offset:
         problems.append("a tokenizer whose id 0 is not padding (threetowers shifts its ids by one; open_clip would not)")
     if problems:
@@ -83,19 +87,17 @@ def check_exportable(cfg: Config, tokenizer: Tokenizer) -> None:
 
 def open_clip_state(model: ThreeTowers, cfg: Config) -> dict[str, torch.Tensor]:
     """Our f, g and projections under open_clip's parameter names."""
-    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float() for k, v in model.state_dict().items() if k.startswith(TOWER_PREFIXES)}
+    patch_bias = sd.pop("image_tower.patch_embed.bias", None)
     out: dict[str, torch.Tensor] = {}
-    if cfg.model.image.kind == "vit":
-        out |= _vit(sd, cfg)
-    else:  # timm: open_clip's TimmModel holds the same timm model as `trunk`, then a linear head
-        out |= {"visual.trunk." + k[len("image_tower.model."):]: v for k, v in sd.items()
-                if k.startswith("image_tower.model.")}
-        out["visual.head.proj.weight"] = sd["proj_image.weight"]
-    out |= _blocks(sd, "text_tower.blocks.", "transformer.resblocks.")
-    out["token_embedding.weight"] = sd["text_tower.token_embed.weight"]
-    out["positional_embedding"] = sd["text_tower.pos_embed"][0]
-    out["ln_final.weight"], out["ln_final.bias"] = sd["text_tower.norm.weight"], sd["text_tower.norm.bias"]
-    out["text_projection"] = sd["proj_text.weight"].T
+    for key, value in sd.items():
+        found = open_clip_name(key, timm=cfg.model.image.kind == "timm")
+        if found is None:
+            raise UnsupportedExport(f"parameter {key} has no counterpart in open_clip")
+        out[found[0]] = to_open_clip(value, found[1])
+    if patch_bias is not None:  # added to every patch token, as its position embedding is
+        out["visual.positional_embedding"] = out["visual.positional_embedding"].clone()
+        out["visual.positional_embedding"][1:] += patch_bias
     # The (f, g) term's temperature is the first (or the only, when shared) one.
     out["logit_scale"] = model.loss.scales()[0].detach().float().log().reshape(())
     if model.loss.bias is not None:
@@ -103,56 +105,18 @@ def open_clip_state(model: ThreeTowers, cfg: Config) -> dict[str, torch.Tensor]:
     return out
 
 
-def _vit(sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    out = {"visual.conv1.weight": sd["image_tower.patch_embed.weight"],
-           "visual.class_embedding": sd["image_tower.cls_token"].reshape(-1)}
-    pos = sd["image_tower.pos_embed"][0].clone()
-    if "image_tower.patch_embed.bias" in sd:  # added to every patch token, as its position embedding is
-        pos[1:] += sd["image_tower.patch_embed.bias"]
-    out["visual.positional_embedding"] = pos
-    if cfg.model.image.pre_norm:
-        out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = sd["image_tower.norm_pre.weight"], sd["image_tower.norm_pre.bias"]
-    out |= _blocks(sd, "image_tower.blocks.", "visual.transformer.resblocks.")
-    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = sd["image_tower.norm.weight"], sd["image_tower.norm.bias"]
-    out["visual.proj"] = sd["proj_image.weight"].T
-    return out
-
-
-# Our block's parameter names -> open_clip's ResidualAttentionBlock's (q, k, v are stacked alike).
-_BLOCK_NAMES = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
-                "attn.proj": "attn.out_proj", "norm2": "ln_2", "mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj"}
-
-
-def _blocks(sd: dict[str, torch.Tensor], ours: str, theirs: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        if not key.startswith(ours):
-            continue
-        index, rest = key[len(ours):].split(".", 1)
-        name = next((new + rest[len(old):] for old, new in _BLOCK_NAMES.items() if rest.startswith(old)), None)
-        if name is None:
-            raise UnsupportedExport(f"block parameter {key} has no counterpart in open_clip")
-        out[f"{theirs}{index}.{name}"] = value
-    return out
-
-
 def open_clip_config(cfg: Config, model: ThreeTowers, tokenizer: Tokenizer) -> dict:
     m = cfg.model
+    vision = vision_cfg(m.image)
     if m.image.kind == "vit":
-        vision = {"image_size": m.image.image_size, "patch_size": m.image.patch_size, "width": m.image.width,
-                  "layers": m.image.depth, "head_width": m.image.width // m.image.heads,
-                  "mlp_ratio": m.image.mlp_ratio, "no_ln_pre": not m.image.pre_norm, "pool_type": "tok"}
         mean, std = list(m.image.mean), list(m.image.std)
     else:
-        vision = {"image_size": m.image.image_size, "timm_model_name": m.image.timm_name, "timm_pool": "avg",
-                  "timm_proj": "linear", "timm_proj_bias": False}
         mean, std = model.image_tower.mean.flatten().tolist(), model.image_tower.std.flatten().tolist()
-    text = {"context_length": m.text.context_length, "vocab_size": m.text.vocab_size, "width": m.text.width,
-            "heads": m.text.heads, "layers": m.text.depth, "mlp_ratio": m.text.mlp_ratio, "pool_type": "eos",
-            "eos_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id,
+    text = {**text_cfg(m.text), "eos_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id,
             # non-empty: open_clip then reads the tokenizer files of this directory (HFTokenizer)
             "hf_tokenizer_name": "threetowers"}
-    model_cfg = {"embed_dim": m.embed_dim, "quick_gelu": False, "vision_cfg": vision, "text_cfg": text}
+    model_cfg = {"embed_dim": m.embed_dim, "quick_gelu": m.text.act == "quick_gelu", "vision_cfg": vision,
+                 "text_cfg": text}
     if model.loss.bias is not None:
         model_cfg["init_logit_bias"] = float(model.loss.bias[0].detach())
     # Our evaluation resizes (bilinear) and centre-crops images to the tower's size; f normalises itself,
@@ -165,11 +129,16 @@ def open_clip_config(cfg: Config, model: ThreeTowers, tokenizer: Tokenizer) -> d
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     """The tokenizer as `transformers` loads it: the same BPE, with the eot appended by its
-    post-processor (truncation then keeps the eot last, as ours does) and padding with id 0."""
-    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    post-processor (truncation then keeps the eot last, as ours does) and padding with id 0. CLIP's
+    (`zero_pads`) is written as it is: its post-processor adds its start and end tokens already."""
     eot = tokenizer.eot_token
-    hf.post_processor = processors.TemplateProcessing(single=f"$A {eot}", special_tokens=[(eot, tokenizer.eot_id)])
-    write_text_atomic(directory / "tokenizer.json", hf.to_str(pretty=True))
+    if tokenizer.zero_pads:
+        tokenizer.save(directory / "tokenizer.json")
+        hf = tokenizer.hf
+    else:
+        hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+        hf.post_processor = processors.TemplateProcessing(single=f"$A {eot}", special_tokens=[(eot, tokenizer.eot_id)])
+        write_text_atomic(directory / "tokenizer.json", hf.to_str(pretty=True))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": hf.id_to_token(tokenizer.pad_id),
               "eos_token": eot, "model_max_length": tokenizer.context_length, "clean_up_tokenization_spaces": False}
     write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))

@@ -16,7 +16,7 @@ Layout of a cache directory:
     keys.json          the sample keys, in row order
 
 Building is resumable: shards are written one at a time (temp file + rename) and a rebuild skips
-the shards that exist and match. A cache whose manifest does not match the requested h or dataset
+the shards that exist and match; a stop signal (train.stop_signals) stops it between two shards. A cache whose manifest does not match the requested h or dataset
 is refused with an error naming the mismatch; there is never a silent fallback to stale features.
 
 What h sees is fixed by h alone, never by f: each image decoded at h's own input size (short side
@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ..core.sets import as_float
 from ..core.atomic import atomic_path, write_json_atomic, write_text_atomic
 from ..core.formats import CACHE_FORMAT, check_format, stamp, write_meta
+from ..core.preemption import preempted, stop_requested
 
 
 class CacheMismatch(ValueError):
@@ -150,6 +151,9 @@ def build_feature_cache(
         if path.exists() and _rows_of(path) == (stop - start, third_info["dim"]):
             bar.update(stop - start)
             continue
+        if stop_requested():  # a stop signal: between two shards, every finished one kept for the next run
+            bar.close()
+            raise preempted(f"while building h's embedding cache {directory} ({index} of {len(starts)} shards kept)")
         chunks = []
         embed = getattr(third, "embed", third)
         for s in range(start, stop, batch_size):
@@ -263,7 +267,15 @@ class ShardEmbeddings:
 
     `open` refuses (returns None with the reason) a file made for another h, another version of the
     shard, or another row count; it never hands out stale embeddings.
+
+    Any embedder with `info()` (name, fingerprint, preprocessing, dim, precision) and `embed(inputs)`
+    can play h's part, over any input part with an identity dict: `threetowers embed` stores a trained
+    tower's embeddings of shards, folders and text files this way (a subclass names the maker and the
+    source in its messages; `extra` adds its own fields to the .json).
     """
+
+    MAKER = "h or for other pixels"  # what made the embeddings, in "it was built with another ..."
+    SOURCE = "the shard"  # what they were made from, in "... was rewritten since"
 
     def __init__(self, embeddings: np.ndarray, bad: dict[int, str]):
         self.embeddings = embeddings  # memory-mapped: a process reads only the rows it needs
@@ -287,10 +299,12 @@ class ShardEmbeddings:
         recorded = meta.get("third", {})
         for field, want in third_identity(third_info).items():
             if recorded.get(field) != want:
-                return None, f"it was built with another h or for other pixels ({field} {recorded.get(field)!r} -> {want!r})"
-        for field in ("size", "mtime_ns", "edges"):
+                return None, f"it was built with another {cls.MAKER} ({field} {recorded.get(field)!r} -> {want!r})"
+        # Every field of the source's identity but its path (a shard: size, mtime_ns and edges).
+        for field in (f for f in shard if f != "path"):
             if meta.get("shard", {}).get(field) != shard.get(field):
-                return None, f"the shard was rewritten since ({field} {meta['shard'].get(field)} -> {shard.get(field)})"
+                was = meta["shard"].get(field)
+                return None, f"{cls.SOURCE} was rewritten since ({field} {was} -> {shard.get(field)})"
         if meta.get("rows") != rows:
             return None, f"it holds {meta.get('rows')} rows, the shard's index {rows}"
         try:
@@ -301,29 +315,38 @@ class ShardEmbeddings:
             return None, f"its array has shape {embeddings.shape}, expected {(rows, third_info['dim'])}"
         return cls(embeddings, {int(r): reason for r, reason in meta.get("bad", {}).items()}), ""
 
-    @classmethod
-    def build(cls, directory: Path, name: str, third, shard: dict, rows: int,
-              batches: Iterable[dict]) -> "ShardEmbeddings":
-        """Run h over one shard's decoded rows and write its two files atomically (.json last).
+    @staticmethod
+    def compute(third, rows: int, batches: Iterable[dict], where: str,
+                dtype: str = "float16") -> tuple[np.ndarray, dict[int, str]]:
+        """(embeddings [rows, dim] in `dtype`, bad rows by reason) of decoded batches covering every row once.
 
-        `batches` yields {"rows": int tensor, "image": float [b, 3, S, S] in [0, 1] at h's input size,
-        "bad": {row: reason}} covering every row once; bad rows get zeros and are recorded."""
+        A batch is {"rows": int tensor, "image" (or "inputs": whatever `third.embed` takes), "bad":
+        {row: reason}}; images are float [b, 3, S, S] in [0, 1] at the embedder's input size. Bad
+        rows get zeros and are returned."""
         info = third.info()
-        embeddings = np.zeros((rows, info["dim"]), np.float16)
+        embeddings = np.zeros((rows, info["dim"]), dtype)
         bad: dict[int, str] = {}
         done = 0
         for batch in batches:
             bad.update({int(r): reason for r, reason in batch["bad"].items()})
             if len(batch["rows"]):
-                features = third.embed(batch["image"])
-                embeddings[batch["rows"].numpy()] = to_float16(features, info["name"], f"shard {shard['path']}")
+                features = third.embed(batch["inputs"] if "inputs" in batch else batch["image"])
+                embeddings[batch["rows"].numpy()] = (to_float16(features, info["name"], where) if dtype == "float16"
+                                                     else features.float().numpy())
             done += len(batch["rows"]) + len(batch["bad"])
         if done != rows:
-            raise RuntimeError(f"embedding build of shard {shard['path']}: {done} of {rows} rows came back")
+            raise RuntimeError(f"embedding build of {where}: {done} of {rows} rows came back")
+        return embeddings, bad
+
+    @classmethod
+    def build(cls, directory: Path, name: str, third, shard: dict, rows: int,
+              batches: Iterable[dict], dtype: str = "float16", extra: dict | None = None) -> "ShardEmbeddings":
+        """Run h over one shard's decoded rows (see `compute`) and write its two files atomically (.json last)."""
+        embeddings, bad = cls.compute(third, rows, batches, f"shard {shard['path']}", dtype)
         npy, meta_path = cls.paths(directory, name)
         with atomic_path(npy) as tmp:
             np.save(tmp, embeddings)
         write_meta(meta_path, CACHE_FORMAT, {
-            "third": third_identity(info), "shard": shard,
-            "rows": rows, "dtype": "float16", "bad": {str(r): reason for r, reason in sorted(bad.items())}})
+            "third": third_identity(third.info()), "shard": shard, "rows": rows, "dtype": dtype,
+            "bad": {str(r): reason for r, reason in sorted(bad.items())}, **(extra or {})})
         return cls(np.load(npy, mmap_mode="r"), bad)

@@ -79,14 +79,27 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return (scores.softmax(dim=-1) @ v.float()).to(dtype)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with (open_clip's
+    `quick_gelu`); weights trained with one activation are not the same model under the other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # model.image.act / model.text.act
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act={act!r}; expected one of {', '.join(ACTIVATIONS)}")
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     checkpointing = False  # train.grad_checkpointing: recompute activations in backward instead of storing them
 

@@ -67,7 +67,7 @@ def build_image_tower(cfg) -> nn.Module:
     if cfg.kind == "vit":
         return VisionTransformer(
             cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.pool,
-            tuple(cfg.mean), tuple(cfg.std), cfg.pre_norm, cfg.patch_bias, cfg.init,
+            tuple(cfg.mean), tuple(cfg.std), cfg.pre_norm, cfg.patch_bias, cfg.init, cfg.act,
         )
     if cfg.kind == "timm":
         return TimmTower(cfg.timm_name, cfg.weights)
@@ -79,7 +79,8 @@ def build_text_tower(cfg, pad_id: int = 0) -> nn.Module:
     if cfg.kind == "hf":
         return HFTextTower(cfg.name, cfg.pool, cfg.lock, pad_id)
     return TextTransformer(
-        cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id, cfg.init
+        cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.causal, cfg.pool, pad_id, cfg.init,
+        cfg.act,
     )
 
 

@@ -1,4 +1,4 @@
-"""A text transformer tower: token ids [B, L] (pad id 0) -> pooled features [B, width]."""
+"""A text transformer tower: token ids [B, L] (pad id 0, padding after the eot) -> pooled features [B, width]."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class TextTransformer(nn.Module):
         pool: str = "eot",
         pad_id: int = 0,
         init: str = "clip",
+        act: str = "gelu",
     ):
         super().__init__()
         if pool not in ("eot", "mean"):
@@ -30,7 +31,7 @@ class TextTransformer(nn.Module):
         self.dim = width
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         if init == "clip":
             # CLIP's: token embeddings small (std 0.02) like the positions, instead of nn.Embedding's std 1,
@@ -52,13 +53,17 @@ class TextTransformer(nn.Module):
             if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}); the tokenizer and model.text.vocab_size differ")
             self._ids_checked = True
-        valid = tokens != self.pad_id  # [B, L]; sequences are left-aligned, padding at the end
-        if tokens.device.type == "cpu" and tokens.shape[1] > 1:
+        # Sequences are left-aligned, padding at the end. A sequence's length is the position after its
+        # last non-padding token (the eot), not its count of non-padding ids: in CLIP's vocabulary id 0 is
+        # also a real token ("!") that doubles as padding, and may occur inside a caption.
+        n = tokens.shape[1]
+        lengths = ((tokens != self.pad_id).long() * torch.arange(1, n + 1, device=tokens.device)).amax(dim=1)
+        if tokens.device.type == "cpu" and n > 1:
             # Columns that are padding in every sequence change no valid token's output (padding is
             # masked or after it): drop them. (On an accelerator, finding them would cost a sync.)
-            n = max(1, int(valid.sum(dim=1).max()))
-            tokens, valid = tokens[:, :n], valid[:, :n]
-        n = tokens.shape[1]
+            n = max(1, int(lengths.max()))
+            tokens = tokens[:, :n]
+        valid = torch.arange(n, device=tokens.device) < lengths[:, None]  # [B, L]
         if self.causal:
             # With padding only at the end, a valid query's causal window holds only valid keys: the
             # causal mask alone is exact for every position that is pooled, and needs no mask tensor.
@@ -79,7 +84,7 @@ class TextTransformer(nn.Module):
             return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
         # The end-of-text token is the last valid token of each sequence: only its output is used, so
         # the last block runs for it alone, and the final LayerNorm (per token) too.
-        last = valid.sum(dim=1).clamp(min=1) - 1
+        last = (lengths - 1).clamp(min=0)
         for block in self.blocks[:-1]:
             x = block(x, mask, self.causal)
         if len(self.blocks):

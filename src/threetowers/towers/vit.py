@@ -23,6 +23,7 @@ class VisionTransformer(nn.Module):
         pre_norm: bool = True,
         patch_bias: bool = False,
         init: str = "clip",
+        act: str = "gelu",
     ):
         super().__init__()
         if pool not in ("cls", "gap"):
@@ -37,7 +38,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
         # A LayerNorm on the embedded tokens, before the first block (CLIP's ln_pre).
         self.norm_pre = nn.LayerNorm(width) if pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         if init == "clip":
             # CLIP's: the class token and positions at the scale of a unit-variance token (std width^-0.5).

@@ -18,11 +18,13 @@ from torch import nn
 
 from ..config import check_eval_paths, resolve_config
 from ..core.distributed import init_distributed, on_main, shutdown
+from ..data.clip_bpe import open_clip_tokenizer
 from ..data.loader import build_train_data, caches_third
 from ..eval.tasks import trainer_hook
 from ..model.factory import build_third, create_model, load_model_weights, save_model
+from ..model.open_clip_init import check_init, init_from_open_clip
 from ..schema import Config
-from .checkpoint import CheckpointError, check_writable
+from .checkpoint import CheckpointError, check_writable, find_resume
 from .resume import check_resume_early
 from .trainer import Evaluate, Job, TrainData, TrainResult, run, runtime
 
@@ -40,6 +42,12 @@ def load_contrastive(model: nn.Module, directory: Path) -> None:
         load_model_weights(model, directory)
     except ValueError as err:
         raise CheckpointError(str(err)) from err
+
+
+def check_init_early(cfg: Config) -> None:
+    """model.init_from's tokenizer and weights fit the configured towers (its files read, no model built)."""
+    open_clip_tokenizer(cfg.model)
+    check_init(cfg)
 
 
 def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
@@ -62,6 +70,11 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
             on_main(info, lambda: check_writable(cfg.train.output_dir))
             check_eval_paths(cfg.eval)
             check_resume_early(cfg, info)  # before any data or cache work: minutes, at scale
+            # model.init_from starts a new run (a resumed one takes its checkpoint): checked before any data work.
+            init = bool(cfg.model.init_from) and on_main(info, lambda: find_resume(
+                Path(cfg.train.output_dir), cfg.train.resume, lambda msg: None) is None)
+            if init:
+                on_main(info, lambda: check_init_early(cfg))
             # h on the rank's device: its cache is built there (and online h runs there).
             third = third.to(info.device) if third is not None else build_third(cfg, info.device)
             t0 = time.perf_counter()
@@ -80,6 +93,11 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
                 model = create_model(cfg, third=None if cached else third, third_info=third.info() if cached else None)
+            if init:
+                loaded = init_from_open_clip(model)
+                what = "g's trunk" if cfg.model.method == "lit" else "f, g, their projections and the (f, g) temperature"
+                if info.is_main:
+                    print(f"model.init_from: {what} ({len(loaded)} tensors) from {cfg.model.init_from}", flush=True)
             model.loss.distribute(info.rank, info.world_size)  # the loss gathers over the ranks
             job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
             result = run(cfg, job, info, evaluate)

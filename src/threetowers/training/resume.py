@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ..config import to_dict
 from ..core.distributed import DistInfo, on_main
-from ..schema import Config
+from ..schema import Config, fill_added_fields
 from .checkpoint import CheckpointError, find_resume, load_train_state, set_rng_state
 
 
@@ -46,6 +46,8 @@ def check_resume_early(cfg: Config, info: DistInfo) -> None:
 
 
 def _check_model(saved: dict, now: dict, where: Path | str, ignore: tuple[str, ...] = ()) -> None:
+    # A field the saved config lacks was added since: it meant what _ADDED_FIELDS says, else its default.
+    saved = _with_defaults(fill_added_fields({"model": saved})["model"], to_dict(Config())["model"])
     diff = [d for d in _diff(saved, now, "model.") if d.split(":", 1)[0] not in ignore]
     if diff:
         raise CheckpointError(
@@ -65,6 +67,12 @@ def check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[
     if state.get("world_size", info.world_size) != info.world_size:
         report(f"note: the checkpoint was written by {state['world_size']} process(es), this run has "
                f"{info.world_size}; training continues, but not bit-identically to an uninterrupted run")
+
+
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:
