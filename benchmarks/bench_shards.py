@@ -41,7 +41,7 @@ from safetensors.torch import save_file  # noqa: E402
 from threetowers import load_config, train  # noqa: E402
 from threetowers.core.atomic import write_json_atomic  # noqa: E402
 from threetowers.data.loader import build_train_data  # noqa: E402
-from threetowers.model.factory import build_third  # noqa: E402
+from threetowers.model.factory import build_thirds  # noqa: E402
 from threetowers.towers.build import create_timm  # noqa: E402
 from threetowers.world import World  # noqa: E402
 from threetowers.schema import WorldConfig  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> None:
             print(f"  decode: {decode:,.0f} pairs/s in one process; building h's cache ...", flush=True)
             c3 = cfg("3t", "cache")
             t0 = time.perf_counter()
-            build_train_data(c3, third=build_third(c3))
+            build_train_data(c3, third=build_thirds(c3))
             build_s = time.perf_counter() - t0
             cache_bytes = sum(f.stat().st_size for f in (tmp / f"cache{size}").rglob("shards/*.npy"))
             index_bytes = sum(f.stat().st_size for f in (tmp / f"cache{size}" / "index").iterdir())

@@ -13,7 +13,7 @@ import json
 import sys
 
 from threetowers.apps.claims import Metrics, check_claims
-from threetowers.apps.demo import ALIGNED
+from threetowers.apps.demo import aligned_of
 from threetowers.apps.report import aggregate, label, summary_table, table
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     main_report, ablation = (json.load(open(path)) for path in sys.argv[1:3])
     replaced = {(r["method"], r["third"]) for r in ablation["runs"]}
     runs = [r for r in main_report["runs"] if (r["method"], r["third"]) not in replaced] + ablation["runs"]
-    thirds = {t: ALIGNED[t] for t in dict.fromkeys(r["third"] for r in runs if r["third"])}
+    thirds = {t: aligned_of(t) for t in dict.fromkeys(r["third"] for r in runs if r["third"])}
     # the claims' metrics as the main report recorded them (reports before they were recorded: the world's)
     metrics = Metrics(**{k: tuple(v) for k, v in main_report.get("claim_metrics", {}).items()})
     print(summary_table(check_claims(runs, thirds, main_report["chance"], metrics), list(thirds)))

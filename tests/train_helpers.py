@@ -71,9 +71,9 @@ class SyntheticData:
         tokens[:, 1:4] = torch.randint(2 + self.classes, VOCAB, (n, 3), generator=g)  # filler words
         tokens[:, 4] = EOT
         batch = {"image": images, "tokens": tokens, "keys": [f"s{step}-{i}" for i in range(n)]}
-        if self.third is not None and cfg.data.third_embeddings == "cache":
-            with torch.no_grad():
-                batch["third"] = self.third(images)  # what the embedding cache would hold
+        if self.third and cfg.data.third_embeddings == "cache":  # the h's: one, or a list (model.thirds order)
+            with torch.no_grad():  # what the embedding caches would hold: each h's, side by side
+                batch["third"] = torch.cat([h(images) for h in (self.third if isinstance(self.third, list) else [self.third])], 1)
         return batch
 
     def batches(self, start_step: int):

@@ -20,11 +20,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .schema import (  # noqa: F401  (re-exported: the config's face)
     METHODS, Config, ConfigError, DataConfig, EvalConfig, ImageTowerConfig, LossConfig, ModelConfig, OptimConfig,
-    PretrainConfig, TextTowerConfig, ThirdTowerConfig, TrainConfig, WorldConfig, fill_added_fields,
+    PretrainConfig, TextTowerConfig, ThirdTowerConfig, TrainConfig, WorldConfig, fill_added_fields, loss_weights,
+    third_sections,
 )
+from .third.sections import validate_thirds
 from .core.distributed import world_size_from_env
 from .core.preemption import signal_number
-from .third.registry import source_names
 from .towers.open_clip_arch import arch_layer, read_open_clip_config
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -43,8 +44,6 @@ _CHOICES = {
     "model.text.init": ("clip", "torch"),
     "model.image.act": ("gelu", "quick_gelu"),
     "model.text.act": ("gelu", "quick_gelu"),
-    "model.third.heads": ("none", "shared", "per_term"),
-    "model.third.precision": ("auto", "fp32", "bf16"),
     "loss.kind": ("softmax", "sigmoid"),
     "loss.temperature": ("per_term", "shared"),
     "data.source": ("world", "webdataset", "csv"),
@@ -110,8 +109,7 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Refuse values out of range and contradictory settings before any work starts."""
-    choices = {**_CHOICES, "model.third.source": ("none", *source_names())}  # the registry: plugins included
-    for key, allowed in choices.items():
+    for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -160,27 +158,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                           "encoder (model.text.kind=hf); our transformer pools eot or mean and always trains")
     elif m.text.width % m.text.heads:
         raise ConfigError(f"model.text.width={m.text.width} must be divisible by model.text.heads={m.text.heads}")
-    if m.method == "clip":
-        if m.third.source != "none" or m.third.heads != "none":
-            raise ConfigError(
-                "model.method=clip uses no third tower, but model.third.source="
-                f"{m.third.source!r}, model.third.heads={m.third.heads!r}; use method=lit or 3t, "
-                "or set model.third.source=none"
-            )
-    else:
-        if m.third.source == "none":
-            raise ConfigError(
-                f"model.method={m.method} needs a frozen pretrained image model: set model.third.source "
-                f"({' | '.join(source_names())})"
-            )
-        if m.method == "lit" and m.third.heads == "per_term":
-            raise ConfigError("model.method=lit has one term; model.third.heads must be none or shared")
-    weights = list(cfg.loss.weights)
-    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ConfigError(f"loss.weights={weights} must be three non-negative numbers (fg, fh, gh)")
-    if m.method == "3t" and not sum(weights) > 0:
-        raise ConfigError(f"loss.weights={weights}: with every weight 0, 3T has no loss to train on; give at "
-                          "least one term a positive weight")
+    validate_thirds(cfg)
     if cfg.loss.max_scale and cfg.loss.max_scale < cfg.loss.init_scale:
         raise ConfigError(f"loss.max_scale={cfg.loss.max_scale} is below loss.init_scale={cfg.loss.init_scale}")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
@@ -273,21 +251,30 @@ def check_eval_paths(e: EvalConfig) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
+# Lists of sections: the fields each entry may set are those of the section named here.
+_LIST_SECTIONS = {"model.thirds": "model.third"}
+
+
 def _check_keys(overrides: DictConfig | dict, valid: list[str], where: str) -> None:
     flat = OmegaConf.to_container(OmegaConf.create(overrides)) if not isinstance(overrides, dict) else overrides
 
-    def walk(node: Any, prefix: str) -> None:
+    def walk(node: Any, prefix: str, shown: str) -> None:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            name = f"{prefix}{key}"
+            name, show = f"{prefix}{key}", f"{shown}{key}"
             if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+                close = [shown + c[len(prefix):] for c in difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+                         if c.startswith(prefix)] or difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"unknown config key {name!r} in {where}{hint}")
-            walk(value, name + ".")
+                raise ConfigError(f"unknown config key {show!r} in {where}{hint}")
+            if name in _LIST_SECTIONS and isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(item, _LIST_SECTIONS[name] + ".", f"{show}[{i}].")
+            else:
+                walk(value, name + ".", show + ".")
 
-    walk(flat, "")
+    walk(flat, "", "")
 
 
 def resolve_preset(name_or_path: str) -> Path:
@@ -327,13 +314,23 @@ def load_config(
             _check_keys(architecture, valid, "model.arch / model.init_from")
             layers.insert(len(layers) - bool(overrides), ("", architecture))
         for _, layer in layers:
-            merged = OmegaConf.merge(merged, layer)
+            merged = _merge_layer(merged, layer)
     except (ValidationError, ConfigKeyError) as err:
         raise ConfigError(f"{err.full_key}: {str(err.msg).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from None
     cfg: Config = OmegaConf.to_object(merged)
     return validate(cfg, world_size)
+
+
+def _merge_layer(merged: DictConfig, layer: dict) -> DictConfig:
+    """`layer` over `merged`. A layer that sets model.thirds replaces the model.third of the layers beneath it
+    (a preset's one h), as an override replaces a preset's value; model.third and model.thirds set by the
+    same layer, or model.third set over a list, contradict each other and are refused by `validate_thirds`."""
+    model = layer.get("model") if isinstance(layer.get("model"), dict) else {}
+    if model.get("thirds") is not None and "third" not in model:
+        merged.model.third = OmegaConf.structured(ThirdTowerConfig)
+    return OmegaConf.merge(merged, layer)
 
 
 def _last_set(layers: list[tuple[str, dict]], key: str) -> str:

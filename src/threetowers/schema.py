@@ -95,6 +95,10 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     third: ThirdTowerConfig = field(default_factory=ThirdTowerConfig)
+    # Several third towers h_1..h_K at once (3T only): a list of sections like `third`, each with its own source,
+    # heads and adaptors. Unset (null) = the one h of `third` (K = 1). A layer that sets `thirds` replaces the
+    # `third` of the layers beneath it (a preset's); both set at once is refused (docs/method.md, "Several third towers").
+    thirds: list[ThirdTowerConfig] | None = None
 
 
 @dataclass
@@ -104,8 +108,9 @@ class LossConfig:
     init_scale: float = 1 / 0.07  # initial t = exp(log_t): CLIP's 1/0.07 = 14.29
     max_scale: float = 100.0  # clamp on t; 0 = no clamp
     init_bias: float = -10.0  # sigmoid only
-    # 3T term weights, in the order (f, g), (f_h, h), (g_h, h).
-    weights: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+    # 3T term weights, 1 + 2K numbers in the order (f, g), then (f_h, h), (g_h, h) for each h (model.thirds order):
+    # null = (f, g) keeps 1/3 and the 2K h terms share 2/3 equally (K = 1: 1/3 each); see `loss_weights`.
+    weights: list[float] | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -237,6 +242,28 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+# ----------------------------------------------------------------------------- what the h settings mean
+
+
+def third_sections(m: ModelConfig) -> list[tuple[str, ThirdTowerConfig]]:
+    """Each h of the model with the config field that sets it: model.thirds[k] when the list is given,
+    else model.third (K = 1; K = 0 for CLIP). The one reading of `third` and `thirds` everything uses."""
+    if m.thirds is not None:
+        return [(f"model.thirds[{k}]", t) for k, t in enumerate(m.thirds)]
+    return [] if m.method == "clip" else [("model.third", m.third)]
+
+
+def loss_weights(cfg: Config) -> list[float]:
+    """The 3T term weights (w_fg, w_fh, w_gh, w_fh.2, w_gh.2, ..., w_fh.K, w_gh.K): loss.weights, or by default 1/3 for
+    (f, g) and 2/3 shared equally by the 2K h terms. Why: f and g are what is kept at inference, and their
+    term keeps the weight it has with one h however many h's there are, while adding an h neither
+    outweighs the others nor grows the total pull towards h's (K = 1 gives today's 1/3 each)."""
+    if cfg.loss.weights is not None:
+        return [float(w) for w in cfg.loss.weights]
+    k = len(third_sections(cfg.model))
+    return [1 / 3] + ([2 / 3 / (2 * k)] * (2 * k) if k else [])  # K = 1: 2/3/2 is 1/3 to the last bit
 
 
 # Fields added after the first saved models: the value a saved config without them meant (the

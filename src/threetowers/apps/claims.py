@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RETRIEVAL = ("retrieval/i2t_R@1", "retrieval/t2i_R@1")
+SEVERAL = "several"  # what the labels of several h's at once (3T with model.thirds) match: no one task, so C1-C3 only
 ZS = {"object": "zeroshot_object/top1", "scene": "zeroshot_scene/top1"}
 CLASSIFICATION = (ZS["object"], ZS["scene"])
 MIN_SEEDS = 3

@@ -28,7 +28,7 @@ from ..data.loader import build_train_data, cache_root, cache_summary
 from ..eval.benchmark import write_wds_classification
 from ..eval.tasks import benchmark_saved
 from ..interop.open_clip_export import require_open_clip
-from ..model.factory import build_third
+from ..model.factory import build_thirds
 from ..training.checkpoint import CheckpointError
 from ..world import World
 from .demo import load_demo_config, run_demo
@@ -74,6 +74,8 @@ examples:
 A run writes <output_dir>/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_NNNNNNN/
 and, at the end, model/ (load it with threetowers.load_model). By default a run
 resumes from the newest valid checkpoint in its output_dir (--resume auto).
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (train.stop_signals) stop a run cleanly: the step under way
+ends, a checkpoint is written, exit status 75; the same command goes on from there.
 """
 
 PRETRAIN_EPILOG = """\
@@ -181,8 +183,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="compute the frozen third tower's embeddings of a run's training data once",
-                       description="Run h (model.third) once over the training data of CONFIG and store its "
-                                   "pre-logits under data.cache_dir, with h's and the data's identity (for "
+                       description="Run h (model.third; each h of model.thirds) once over the training data of "
+                                   "CONFIG and store its pre-logits under data.cache_dir, with h's and the data's identity (for "
                                    "webdataset shards: one file per shard, beside each shard's index). `train` does "
                                    "this by itself when needed; this command does it ahead of time. An interrupted "
                                    "build resumes (shards: every finished shard is kept); under torchrun the ranks "
@@ -205,9 +207,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cfg = leave_run_alone(cfg)
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)  # under torchrun, the ranks split the shards
     try:
-        third = build_third(cfg, info.device)  # h runs on the rank's device
+        thirds = build_thirds(cfg, info.device)  # the h's run on the rank's device
         with stop_on_signals(cfg.train.stop_signals):  # a stop signal stops the build between two shards
-            summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=third), third)
+            summary = cache_summary(build_train_data(cfg, info.rank, info.world_size, third=thirds), thirds)
         barrier(info)
         if info.is_main:
             print(summary)

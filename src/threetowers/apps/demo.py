@@ -7,6 +7,9 @@ and 3T once per h, per seed, all with the same towers, data, steps and batch -> 
 the suite (zero-shot, retrieval, few-shot, the 3T/LiT mixing sweep) -> results.md, results.json
 and plots. Every run is an ordinary `Config`; the demo only builds the grid.
 
+A third named `a+b` (e.g. `object+scene`) is 3T with several h's at once (`model.thirds`, in that
+order), reported as one more h beside each alone; LiT takes one h, so it has no LiT run.
+
 A demo owns its output directory: the directory records the demo's settings (`demo.json`), and a
 demo with other settings is refused there, because it would resume those runs with its own
 settings and overwrite their report. An ablation is a new demo in a folder of its own.
@@ -18,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +39,12 @@ from ..third.tower import load_third_tower
 from ..training.contrastive import train
 from ..training.pretrain import pretrain
 from ..world import World
-from .claims import WORLD, Metrics
+from .claims import SEVERAL, WORLD, Metrics
 from .prepared import CEILING_NOTE, PreparedBenchmark
 from .report import write_report
 
-# The third towers of the comparison: name -> the task its labels match ("none": neither).
+# The third towers of the comparison: name -> the task its labels match ("none": neither). Names joined
+# by "+" are several h's in one 3T run (`aligned_of`: "several").
 ALIGNED = {"object": "object", "scene": "scene", "imagenet": "none", "imagenet_lite1": "none", "imagenet_lite2": "none"}
 # The real ImageNet classifiers among them: name -> h's source (the world pretrains the others).
 REAL_H = {"imagenet": "efficientnet_lite0", "imagenet_lite1": "efficientnet_lite1", "imagenet_lite2": "efficientnet_lite2"}
@@ -82,17 +87,44 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
     demo: DemoConfig = OmegaConf.to_object(merged)
     demo.preset = preset
     demo.overrides += list(run_overrides or [])
+    unknown = [t for t in demo.thirds if not all(part in ALIGNED for part in h_parts(t))]
+    if unknown:
+        raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}, or join them with + "
+                          "(e.g. object+scene: 3T with both h's)")
     for method in demo.methods:  # a bad run setting fails here, before any work (h: a placeholder)
         run_config(demo, method, None, 0, [] if method == "clip" else ["model.third.source=checkpoint",
                                                                        "model.third.path=h"])
-    unknown = [t for t in demo.thirds if t not in ALIGNED]
-    if unknown:
-        raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}")
-    pretrained = [t for t in demo.thirds if t not in REAL_H]
+    for third in (t for t in demo.thirds if len(h_parts(t)) > 1 and "3t" in demo.methods):  # several h's: 3T only
+        placeholders = {part: ["model.third.source=checkpoint", f"model.third.path=h/{part}"] for part in h_parts(third)}
+        run_config(demo, "3t", third, 0, several_h_settings(demo, third, placeholders))
+    pretrained = [p for t in demo.thirds for p in h_parts(t) if p not in REAL_H]
     if demo.benchmark and pretrained:
         raise ConfigError(f"demo thirds {pretrained} are pretrained on the world's labels; a prepared benchmark "
                           f"(benchmark={demo.benchmark}) takes the real ImageNet classifiers only: {', '.join(REAL_H)}")
     return demo
+
+
+def h_parts(third: str) -> list[str]:
+    """The h's a demo third names: `object` -> [object]; `object+scene` -> [object, scene] (one 3T run with both)."""
+    return third.split("+")
+
+
+def aligned_of(third: str) -> str:
+    """The task the labels of `third` match (`ALIGNED`), or `SEVERAL` for several h's at once."""
+    return SEVERAL if len(h_parts(third)) > 1 else ALIGNED[third]
+
+
+def methods_for(demo: "DemoConfig", third: str) -> list[str]:
+    """The demo's methods that run with `third`: several h's have no LiT (its image side is one h)."""
+    return [m for m in demo.methods if m != "clip" and (m != "lit" or len(h_parts(third)) == 1)]
+
+
+def several_h_settings(demo: "DemoConfig", third: str, single: dict[str, list[str]], data: list[str] = ()) -> list[str]:
+    """The run settings of 3T with the h's `third` names at once: each h's section (model.thirds, in the
+    name's order) as its own 3T run would have it, the demo's model.third.* overrides included, from
+    `single` (each h's settings, which set model.third)."""
+    sections = [asdict(run_config(demo, "3t", part, 0, [*data, *single[part]]).model.third) for part in h_parts(third)]
+    return [f"model.thirds={json.dumps(sections)}"]  # JSON is YAML: paths with any characters survive
 
 
 def _log(msg: str) -> None:
@@ -134,10 +166,10 @@ class Ground:
 
     data: list[str]  # every run's data settings (none for the world: the base preset's)
     thirds: dict[str, list[str]]  # h's name -> the run settings that load it
-    evaluate: Callable[[Any, Callable, Config], tuple[dict, dict]]  # (model, tokenizer, cfg) -> (metrics, mixing)
+    evaluate: Callable[[Any, Callable, Config], tuple[dict, dict]]  # (model, tokenizer, cfg) -> (metrics, mixing per h)
     chance: dict[str, float]
     metrics: Metrics  # what the claims average over
-    ceilings: dict[str, dict[str, float]]  # h -> zero-shot set -> its linear-probe accuracy
+    ceilings: dict[str, dict[str, float]]  # h (each one alone) -> zero-shot set -> its linear-probe accuracy
     heldout: dict[str, float] = field(default_factory=dict)  # each pretrained h's held-out top-1
     ceiling_note: str = ""  # the ceilings' protocol, when not the world's
     about: str = ""  # a line for the report's header
@@ -155,7 +187,7 @@ def run_demo(demo: DemoConfig) -> dict:
     runs: list[dict] = []
     timings["cache"] = timings["train"] = timings["eval"] = 0.0
     grid = [(m, None) for m in demo.methods if m == "clip"]
-    grid += [(m, t) for t in ground.thirds for m in demo.methods if m != "clip"]
+    grid += [(m, t) for t in ground.thirds for m in methods_for(demo, t)]
     for seed in demo.seeds:
         for method, third in grid:
             cfg = run_config(demo, method, third, seed, [*ground.data, *ground.thirds.get(third, [])])
@@ -168,14 +200,16 @@ def run_demo(demo: DemoConfig) -> dict:
             metrics, mixing = ground.evaluate(result["model"], result["tokenizer"], cfg)
             timings["eval"] += time.perf_counter() - t0
             runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
-                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r], "mixing": mixing})
+                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r],
+                         "mixing": mixing.get(0, {}),  # the first h's sweep; the others' (several h's) beside it
+                         **({"mixing_h": {str(k + 1): m for k, m in mixing.items() if k}} if len(mixing) > 1 else {})})
             _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
     base = load_config(demo.base, [*ground.data, *shared_overrides(demo, "clip")])
     header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\n{ground.about}Machine: {machine()}\n"
     if ground.heldout:
         header += "\nHeld-out top-1 of the pretrained h: " + ", ".join(f"{k} {100 * v:.1f}%"
                                                                      for k, v in ground.heldout.items()) + "\n"
-    print(write_report(out, runs, {t: ALIGNED[t] for t in ground.thirds}, ground.chance, header, timings,
+    print(write_report(out, runs, {t: aligned_of(t) for t in ground.thirds}, ground.chance, header, timings,
                        heldout=ground.heldout, command=demo_command(demo), steps=base.train.steps,
                        ceilings=ground.ceilings, metrics=ground.metrics, ceiling_note=ground.ceiling_note))
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -196,13 +230,13 @@ def world_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
     _log(f"world ready ({timings['render']:.0f}s): {len(world.object_classes)} objects, {len(world.scene_classes)} scenes")
 
     t0 = time.perf_counter()
-    thirds: dict[str, list[str]] = {}
+    single: dict[str, list[str]] = {}  # each h alone (every part of a several-h third too) -> its run settings
     heldout: dict[str, float] = {}
-    for name in demo.thirds:
+    for name in dict.fromkeys(p for t in demo.thirds for p in h_parts(t)):
         if name in REAL_H:
             found = real_h(demo, name)
             if found:
-                thirds[name] = found
+                single[name] = found
             continue
         target = out / f"pretrain_{name}"
         cfg = load_config(demo.pretrain, [f"pretrain.dataset=world_{name}", f"train.output_dir={target}",
@@ -211,14 +245,15 @@ def world_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
         result = pretrain(cfg)
         heldout[name] = result["heldout_top1"]
         _log(f"  held-out top-1 of the {name} classifier: {100 * heldout[name]:.1f}%")
-        thirds[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
+        single[name] = ["model.third.source=checkpoint", f"model.third.path={target / 'model'}"]
     timings["pretrain"] = time.perf_counter() - t0
+    thirds = demo_thirds(demo, single)
 
     t0 = time.perf_counter()
     store = EvalFeatures()  # each h's features of the eval sets, computed once for all its runs
     ceilings = {name: h_ceilings(load_third_tower(run_config(demo, "3t", name, 0, cfg).model.third), world, tasks,
                                  store, base.eval.batch_size, demo.ceiling_shots)
-                for name, cfg in thirds.items()}
+                for name, cfg in single.items()}
     timings["ceilings"] = time.perf_counter() - t0
 
     def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
@@ -233,12 +268,14 @@ def prepared_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
     base = load_config(demo.base, [*bench.run_overrides(), *shared_overrides(demo, "clip")])
     _log(f"benchmark {bench.root}: training shards {bench.manifest['train_shards']}, sets "
          + ", ".join(f"{n} ({k})" for n, k in bench.sets.items()))
-    thirds = {name: found for name in demo.thirds if (found := real_h(demo, name))}
+    single = {name: found for name in dict.fromkeys(p for t in demo.thirds for p in h_parts(t))
+              if (found := real_h(demo, name))}
+    thirds = demo_thirds(demo, single, bench.run_overrides())
     t0 = time.perf_counter()
     store = EvalFeatures()
     ceilings = {name: bench.ceilings(load_third_tower(run_config(demo, "3t", name, 0, [*bench.run_overrides(), *cfg])
                                                       .model.third), store, base.model.image.image_size,
-                                     base.eval.batch_size) for name, cfg in thirds.items()}
+                                     base.eval.batch_size) for name, cfg in single.items()}
     timings["ceilings"] = time.perf_counter() - t0
 
     def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
@@ -248,6 +285,20 @@ def prepared_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
     about = f"Benchmark: `{bench.root}` (`threetowers prepare clipart`; {packages}).\n\n"
     return Ground(bench.run_overrides(), thirds, evaluate, bench.chance(), bench.metrics(), ceilings,
                   ceiling_note=CEILING_NOTE, about=about)
+
+
+def demo_thirds(demo: DemoConfig, single: dict[str, list[str]], data: list[str] = ()) -> dict[str, list[str]]:
+    """Each of the demo's thirds -> its run settings: an h alone as `single` has it; several h's as one
+    model.thirds list (`several_h_settings`). A third with an h that is not there (not installed) is skipped."""
+    thirds = {}
+    for third in demo.thirds:
+        missing = [p for p in h_parts(third) if p not in single]
+        if missing:
+            if len(h_parts(third)) > 1:
+                _log(f"skipping h={third}: {', '.join(missing)} not available")
+            continue
+        thirds[third] = single[third] if len(h_parts(third)) == 1 else several_h_settings(demo, third, single, data)
+    return thirds
 
 
 def real_h(demo: DemoConfig, name: str) -> list[str]:
@@ -303,25 +354,32 @@ def run_config(demo: DemoConfig, method: str, third: str | None, seed: int, sett
     name = method if third is None else f"{method}_{third}"
     return load_config(demo.base, [
         f"model.method={method}", f"train.seed={seed}", f"train.output_dir={out / 'runs' / f'{name}_seed{seed}'}",
-        f"data.cache_dir={out / 'cache'}", *(settings or []), *shared_overrides(demo, method),
+        f"data.cache_dir={out / 'cache'}", *(settings or []), *shared_overrides(demo, method, third),
     ])
 
 
-def shared_overrides(demo: DemoConfig, method: str) -> list[str]:
-    """The demo's run overrides for `method`: an ablation of h's options (model.third.*) leaves
-    CLIP, which has no h, as it is."""
-    return [o for o in demo.overrides if method != "clip" or not o.startswith("model.third.")]
+def shared_overrides(demo: DemoConfig, method: str, third: str | None = None) -> list[str]:
+    """The demo's run overrides for `method` (with `third`): an ablation of h's options (model.third.*)
+    leaves CLIP, which has no h, as it is, and is already in each section of several h's (model.thirds)."""
+    several = third is not None and len(h_parts(third)) > 1
+    return [o for o in demo.overrides if not (method == "clip" or several) or not o.startswith("model.third.")]
 
 
-def split_mixing(results: dict[str, float]) -> tuple[dict, dict]:
-    """{task/mix@a/metric: v} entries -> (the plain metrics, {a: {task/metric: v}})."""
-    metrics = {k: v for k, v in results.items() if "/mix@" not in k}
-    mixing: dict[str, dict[str, float]] = {}
+_MIX = re.compile(r"^(?P<task>.+)/mix(?:\.(?P<h>\d+))?@(?P<alpha>[^/]+)/(?P<metric>.+)$")
+
+
+def split_mixing(results: dict[str, float]) -> tuple[dict, dict[int, dict]]:
+    """{task/mix@a/metric: v, task/mix.k@a/metric: v} entries -> (the plain metrics, {h's index (0: the
+    first h, whose keys are mix@a; k-1 for mix.k@a): {a: {task/metric: v}}})."""
+    metrics: dict[str, float] = {}
+    mixing: dict[int, dict[str, dict[str, float]]] = {}
     for key, value in results.items():
-        if "/mix@" in key:
-            task, rest = key.split("/mix@", 1)
-            alpha, metric = rest.split("/", 1)
-            mixing.setdefault(alpha, {})[f"{task}/{metric}"] = value
+        found = _MIX.match(key)
+        if found is None:
+            metrics[key] = value
+            continue
+        k = int(found["h"] or 1) - 1
+        mixing.setdefault(k, {}).setdefault(found["alpha"], {})[f"{found['task']}/{found['metric']}"] = value
     return metrics, mixing
 
 

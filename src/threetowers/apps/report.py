@@ -1,7 +1,8 @@
 """The demo's report: mean ± std over seeds, the paper's claims checked one by one, and plots.
 
 A run record is a dict: {"method": clip|lit|3t, "third": name or None, "seed": int,
-"metrics": {name: value}, "curve": [[step, loss], ...], "mixing": {alpha: {name: value}}}.
+"metrics": {name: value}, "curve": [[step, loss], ...], "mixing": {alpha: {name: value}}}; a run with
+several h's ("third": "object+scene") has the first h's sweep in "mixing" and h_k's in "mixing_h": {"k": ...}.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..core.atomic import write_text_atomic
-from .claims import HELD, MIN_SEEDS, WORLD, Metrics, check_claims, summary_table
+from .claims import HELD, MIN_SEEDS, SEVERAL, WORLD, Metrics, check_claims, judge, summary_table
 
 # Headline metrics of the table, in order: (key in the metrics dict, column title).
 COLUMNS = [
@@ -105,6 +106,11 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
                f"(run with at least {MIN_SEEDS} seeds, e.g. the full `threetowers demo`).", ""]
     md += [summary_table(checked, list(thirds)), "", "## Results (mean ± std over seeds, %)", "", table(agg, order), "",
            "Chance: " + ", ".join(f"{k} {percent(v)}" for k, v in chance.items()), ""]
+    several = several_h_table(runs, thirds, chance, [key for key, _ in columns(agg)])
+    if several:
+        md += ["## Several h's at once against each alone (3T)", "",
+               "3T with the h's together minus 3T with one of them, paired over seeds, by the claims' rule, on each "
+               "headline metric: verdict (mean paired difference ± standard error, points).", "", several, ""]
     if ceilings:
         md += ["## Each h's ceilings (linear probe on h's pre-logits, %)", "", ceiling_table(ceilings, agg), "",
                ceiling_note or CEILING_NOTE, ""]
@@ -122,6 +128,32 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
          "ceilings": ceilings or {}}, indent=1))
     return summary_table(checked, list(thirds)) + "\n\n" + table(agg, order) + (
         "\n\n" + ceiling_table(ceilings, agg) if ceilings else "")
+
+
+def several_h_table(runs: list[dict], thirds: dict[str, str], chance: dict[str, float], metrics: list[str]) -> str:
+    """For each third of several h's (`SEVERAL`, named a+b): 3T with them all against 3T with each one
+    alone, judged per metric ("" when no such pair of runs is there)."""
+    by: dict[str | None, dict[int, dict]] = defaultdict(dict)
+    for run in runs:
+        if run["method"] == "3t":
+            by[run["third"]][run["seed"]] = run["metrics"]
+    pairs = [(t, part) for t, aligned in thirds.items() if aligned == SEVERAL for part in t.split("+") if by.get(part)
+             and by.get(t)]
+    if not pairs:
+        return ""
+    lines = ["| metric | " + " | ".join(f"3T ({t}) − 3T ({part})" for t, part in pairs) + " |",
+             "|---" * (len(pairs) + 1) + "|"]
+    for metric in metrics:
+        cells = []
+        for t, part in pairs:
+            if not all(metric in m for m in (*by[t].values(), *by[part].values())):
+                cells.append("–")
+                continue
+            found = judge(by[t], by[part], (metric,), chance)
+            spread = "" if np.isnan(found["se"]) else f" ± {100 * found['se']:.1f}"
+            cells.append(f"{found['verdict']} ({100 * found['difference']:+.1f}{spread})")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 CEILING_NOTE = ("Protocol: multinomial logistic regression on h's standardised pre-logits, trained on 50 images per "
@@ -229,8 +261,10 @@ def plot_all(directory: Path, runs: list[dict], agg: dict, order: list[str]) -> 
         for ax, key in zip(axes[0], keys):
             by_third: dict[str, list] = defaultdict(list)
             for run in mixed:
-                alphas = sorted(run["mixing"], key=float)
-                by_third[run["third"]].append([run["mixing"][a].get(key, np.nan) for a in alphas])
+                sweeps = {"": run["mixing"], **{f", pair of h{k}": m for k, m in run.get("mixing_h", {}).items()}}
+                for which, sweep in sweeps.items():  # several h's: one line per h's pair (h_g(h_k), g_h,k)
+                    alphas = sorted(sweep, key=float)
+                    by_third[f"{run['third']}{which}"].append([sweep[a].get(key, np.nan) for a in alphas])
             for third, rows in by_third.items():
                 ax.plot([float(a) for a in alphas], 100 * np.nanmean(rows, axis=0), marker="o", label=f"3T ({third})")
             ax.set_xlabel("α (0 = f·g, 1 = h·g_h)"), ax.set_title(dict(COLUMNS)[key], fontsize=9)

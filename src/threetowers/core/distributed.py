@@ -85,10 +85,22 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 120.0) -> Di
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(0, 1, 0, dev, owns_group=False)
+    if restarts_share_agent_store() and os.environ.get("RANK") == "0":
+        print("note: torchrun may restart this group (--max-restarts), and its workers share the agent's store: "
+              "with torch 2.14 a restarted gloo group could not connect (stale addresses) until "
+              "train.dist_timeout_minutes ran out. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun "
+              "(docs/scale.md, \"Pre-emption and restarts\")", file=sys.stderr, flush=True)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
                             timeout=timedelta(minutes=timeout_minutes))
     _timeout_minutes = timeout_minutes
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
+
+
+def restarts_share_agent_store() -> bool:
+    """Whether torchrun may restart this worker group while its workers use the agent's own store
+    (torch's default since 2.5; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 turns it off)."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -63,6 +63,7 @@ def signal_number(name: str) -> signal.Signals:
 
 _requested: str | None = None  # the first stop signal's name, until a stop point has acted on it
 _repeated = False
+_owner = 0  # the process that installed the handlers (forked data workers inherit them, and ignore signals)
 
 
 def stop_requested() -> str | None:
@@ -74,6 +75,8 @@ def _record(signum: int, frame) -> None:
     """The handler: it only records the request (the stop points act on it). os.write, not print: a
     handler runs between two bytecodes of the main thread, maybe inside a print to the same stream."""
     global _requested, _repeated
+    if os.getpid() != _owner:  # a forked data worker: its process stops with the run's
+        return
     name = signal.Signals(signum).name
     if _requested is None:
         _requested = name
@@ -99,10 +102,11 @@ def stop_on_signals(names, stop_file: Path | None = None) -> Iterator[None]:
     `stop_file` (rank 0's `<output_dir>/stopped.json`): removed on entry, written when the block ends
     in `Preempted`, for a requeue script that cannot see the exit status (under torchrun).
     """
-    global _requested, _repeated
+    global _requested, _repeated, _owner
     if not names or threading.current_thread() is not threading.main_thread():
         yield
         return
+    _owner = os.getpid()
     _clear(stop_file)
     numbers = [signal_number(name) for name in names]
     previous = {number: signal.signal(number, _record) for number in numbers}

@@ -7,7 +7,7 @@ its place is taken by a substitute row from a stream seeded by (seed, step, plac
 so a resumed run still sees exactly what the uninterrupted one saw. Rows whose image h's cache
 build could not decode are known bad and skipped without reading them again.
 
-Preparing the shards (`prepare_shards`) scales out: each rank indexes, and for lit/3t runs h over,
+Preparing the shards (`prepare_shards`) scales out: each rank indexes, and for lit/3t runs each h over,
 every world_size-th shard (resumably: finished shards are kept); then rank 0 writes one manifest
 (row counts, shard problems, known-bad rows) that every rank reads, so that no rank has to open
 every shard's files at start. While training, a process keeps a bounded number of shard files,
@@ -54,10 +54,15 @@ class ShardSet:
     names: list[str]
     rows: list[int]
     index_dir: Path
-    embedding_dir: Path | None  # h's embeddings, one .npy per shard (None: CLIP, or h online)
-    known_bad: dict[int, str]  # global row -> why its image could not be decoded when h's cache was built
+    embedding_dirs: list[Path]  # each h's embeddings (model.thirds order), one .npy per shard ([]: CLIP, or h online)
+    known_bad: dict[int, str]  # global row -> why its image could not be decoded when an h's cache was built
     shard_bad: dict[str, int]  # problems of whole shards (cut short, unreadable), by reason
     dataset_id: str  # changes when a shard is added, removed, reordered or rewritten
+
+    @property
+    def embedding_dir(self) -> Path | None:
+        """The first h's embeddings (one h: its only ones); None without a cache."""
+        return self.embedding_dirs[0] if self.embedding_dirs else None
 
 
 class _Opened:
@@ -93,7 +98,9 @@ class ShardRows:
         s = self.shards
         self.files = _Opened(self.max_open, lambda i: open(s.urls[i], "rb"), lambda fh: fh.close())
         self.indexes = _Opened(self.max_open, lambda i: open_index(s.index_dir, s.names[i]))
-        self.third = _Opened(self.max_open, lambda i: np.load(s.embedding_dir / f"{s.names[i]}.npy", mmap_mode="r"))
+        # Keyed by (h, shard): each h's embedding file of a shard, under the same bound.
+        self.third = _Opened(self.max_open, lambda key: np.load(s.embedding_dirs[key[0]] / f"{s.names[key[1]]}.npy",
+                                                                mmap_mode="r"))
         self._pid = os.getpid()
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -111,12 +118,12 @@ class ShardRows:
         return (read_member(handle, record["image"]) if image else None,
                 read_member(handle, record["caption"]) if caption else None, key, f"{self.shards.urls[shard]}:{key}")
 
-    def third_embedding(self, row: int) -> torch.Tensor:
-        """h's cached pre-logits of a row, as float32."""
+    def third_embedding(self, row: int, k: int = 0) -> torch.Tensor:
+        """h_k's cached pre-logits of a row (k in model.thirds order), as float32."""
         if self._pid != os.getpid():
             self._open()
         shard, local = self.locate(row)
-        return torch.from_numpy(self.third.get(shard)[local].astype(np.float32))
+        return torch.from_numpy(self.third.get((k, shard))[local].astype(np.float32))
 
 
 class StepBatches(Dataset):
@@ -131,7 +138,7 @@ class StepBatches(Dataset):
         self.decoder = SampleDecoder(cfg.model.image.image_size, cfg.data.augment, self.counter, DEFAULT_MAX_PIXELS,
                                      third_size)
         self.with_images = with_images
-        self.with_third = rows.shards.embedding_dir is not None
+        self.with_third = bool(rows.shards.embedding_dirs)
 
     def _sample(self, row: int) -> dict | None:
         known_bad = row in self.rows.shards.known_bad  # then nothing but the index is read
@@ -150,7 +157,8 @@ class StepBatches(Dataset):
         self.counter.ok()
         sample["key"] = key
         if self.with_third:
-            sample["third"] = self.rows.third_embedding(row)
+            # The h's side by side, [sum of their dims], as the model takes them (one tensor to collate and ship).
+            sample["third"] = torch.cat([self.rows.third_embedding(row, k) for k in range(len(self.rows.shards.embedding_dirs))])
         return sample
 
     def __getitem__(self, step: int) -> dict:
@@ -181,7 +189,8 @@ class StepBatches(Dataset):
 
 
 class ShardTrainData:
-    """Indexed webdataset shards as training batches by step: {"image", "tokens", "keys"[, "third"]}."""
+    """Indexed webdataset shards as training batches by step: {"image", "tokens", "keys"[, "third"]}; "third"
+    holds every h's cached embeddings side by side, [B, sum of their dims] in model.thirds order."""
 
     def __init__(self, cfg: Config, shards: ShardSet, tokenizer, rank: int = 0, world_size: int = 1,
                  third_size: int = 0):
@@ -189,7 +198,7 @@ class ShardTrainData:
         self.rows = ShardRows(shards)
         check_rows(len(self.rows), cfg.train.batch_size)
         self.cfg, self.tokenizer, self.shards, self.rank = cfg, tokenizer, shards, rank
-        with_images = cfg.model.method != "lit" or shards.embedding_dir is None
+        with_images = cfg.model.method != "lit" or not shards.embedding_dirs
         self.dataset = StepBatches(self.rows, cfg, rank, world_size, with_images, third_size)
 
     def __len__(self) -> int:
@@ -221,17 +230,18 @@ def shard_urls(cfg: Config) -> list[str]:
     return urls
 
 
-def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, world_size: int,
+def prepare_shards(cfg: Config, urls: list[str], root: Path, thirds: list | None, rank: int, world_size: int,
                    report: Callable[[str], None]) -> ShardSet:
-    """Index the shards and, with `third`, cache h's embeddings of every sample; return the ShardSet.
+    """Index the shards and, for each h of `thirds`, cache its embeddings of every sample (one embedding
+    folder per h); return the ShardSet.
 
     Each rank checks or builds every world_size-th shard (a killed build redoes only the shard it
     was in; a shard rewritten since, or embeddings made by another h, are rebuilt with a message
     naming the shard and the reason); then rank 0 writes the manifest every rank reads. A stop signal
     stops each rank between two of its shards (`Preempted` on every rank, what is finished kept)."""
     index_dir = root / "index"
-    info = third.info() if third is not None else None
-    embedding_dir = cache_dir_for(root, info, "shards") if info else None
+    thirds = list(thirds or [])
+    embedding_dirs = [cache_dir_for(root, third.info(), "shards") for third in thirds]
     mine = [i for i in range(len(urls)) if i % world_size == rank]
     ready = len(mine)
     for n, i in enumerate(mine):
@@ -239,14 +249,15 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
             ready = n
             break
         meta = ensure_index(urls[i], index_dir, report)
-        if info is None:
-            continue
-        found, why = ShardEmbeddings.open(embedding_dir, meta["name"], info, meta["identity"], meta["rows"])
-        if found is None:
+        for third, embedding_dir in zip(thirds, embedding_dirs):
+            found, why = ShardEmbeddings.open(embedding_dir, meta["name"], third.info(), meta["identity"], meta["rows"])
+            if found is not None:
+                continue
             if why != "not built yet":
-                report(f"shard {urls[i]}: building h's embeddings again: {why}")
+                report(f"shard {urls[i]}: building the embeddings of h {third.name} again: {why}")
             if cfg.train.progress:
-                report(f"h's embeddings: shard {n + 1} of {len(mine)} on this rank ({urls[i]}, {meta['rows']} samples)")
+                report(f"embeddings of h {third.name}: shard {n + 1} of {len(mine)} on this rank ({urls[i]}, "
+                       f"{meta['rows']} samples)")
             # h's pixels: decoded at h's own input size (never f's), as online h gets them too.
             chunks = DataLoader(ShardChunks(urls[i], index_dir, meta["name"], third.preprocessing.input_size,
                                              cfg.data.cache_batch_size),
@@ -255,26 +266,26 @@ def prepare_shards(cfg: Config, urls: list[str], root: Path, third, rank: int, w
             ShardEmbeddings.build(embedding_dir, meta["name"], third, meta["identity"], meta["rows"], chunks)
     if any_rank(ready < len(mine)):  # also the barrier before the manifest
         raise preempted(f"while preparing the shards ({ready} of this rank's {len(mine)} ready and kept)")
-    # Named by the shards and h's whole identity (its embedding folder), so that runs with two h's, or one h
-    # in two precisions, never share a manifest.
-    tag = hashlib.sha256(json.dumps([urls, str(embedding_dir) if embedding_dir else None]).encode())
+    # Named by the shards and each h's whole identity (its embedding folder), so that runs with other h's, or
+    # one h in two precisions, never share a manifest.
+    tag = hashlib.sha256(json.dumps([urls, [str(d) for d in embedding_dirs] or None]).encode())
     manifest_path = root / "manifests" / f"{tag.hexdigest()[:20]}.json"
     if rank == 0:
-        write_json_atomic(manifest_path, _manifest(urls, index_dir, embedding_dir))
+        write_json_atomic(manifest_path, _manifest(urls, index_dir, embedding_dirs))
     barrier_all()
     m = json.loads(manifest_path.read_text())
-    return ShardSet(urls, m["names"], m["rows"], index_dir, embedding_dir, {int(r): w for r, w in m["known_bad"].items()},
+    return ShardSet(urls, m["names"], m["rows"], index_dir, embedding_dirs, {int(r): w for r, w in m["known_bad"].items()},
                     m["shard_bad"], m["dataset_id"])
 
 
-def _manifest(urls: list[str], index_dir: Path, embedding_dir: Path | None) -> dict:
+def _manifest(urls: list[str], index_dir: Path, embedding_dirs: list[Path]) -> dict:
     """Rank 0, after every shard is ready: what the other ranks need, in one file."""
     names = [shard_name(u) for u in urls]
     metas = [json.loads((index_dir / f"{name}.index.json").read_text()) for name in names]
     known_bad: dict[int, str] = {}
     start = 0
     for name, meta in zip(names, metas):
-        if embedding_dir is not None:
+        for embedding_dir in embedding_dirs:  # a row any h could not decode (at its own size) is skipped
             record = json.loads((embedding_dir / f"{name}.json").read_text())
             known_bad.update({start + int(r): why for r, why in record.get("bad", {}).items()})
         start += meta["rows"]

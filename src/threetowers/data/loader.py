@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 from ..core.atomic import write_text_atomic
 from ..core.distributed import rank0_first
-from ..schema import Config
+from ..schema import Config, ConfigError, third_sections
 from ..third.store import FeatureCache, build_feature_cache, cache_dir_for
+from ..third.tower import per_third
 from ..world import World
 from .clip_bpe import open_clip_tokenizer
 from .csv_pairs import load_csv_arrays
@@ -36,16 +37,18 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 
 class ArrayTrainData:
-    """Rows held as arrays (uint8 images, token ids or labels, optional cached h embeddings), served
-    by step through the DataLoader every source uses (`data.num_workers`, pinned memory on CUDA).
+    """Rows held as arrays (uint8 images, token ids or labels, optional cached embeddings of each h),
+    served by step through the DataLoader every source uses (`data.num_workers`, pinned memory on CUDA).
 
     Images leave as stored, uint8 [B, H, W, 3] (a quarter of float32's bytes to ship); the model
     converts and resizes them on its device. `third_images`: h's own pixels of the rows (CSV decoded
-    at h's input size) when h runs online and they differ from `images`.
+    at h's input size) when h runs online and they differ from `images`. `third_caches`: one cache per h
+    (model.thirds order); a batch then carries `third`, the h's embeddings of its rows side by side,
+    [B, sum of their dims] (one tensor: the trainer ships and splits a batch's tensors).
     """
 
     def __init__(self, images: np.ndarray, columns: dict[str, torch.Tensor], keys: list[str], cfg: Config,
-                 rank: int = 0, world_size: int = 1, third_cache: FeatureCache | None = None, tokenizer=None,
+                 rank: int = 0, world_size: int = 1, third_caches: list[FeatureCache] | None = None, tokenizer=None,
                  with_images: bool = True, third_images: np.ndarray | None = None,
                  bad: dict[str, int] | None = None):
         check_rows(len(images), cfg.train.batch_size)
@@ -53,7 +56,7 @@ class ArrayTrainData:
         self.seed, self.batch_size = cfg.train.seed, cfg.train.batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers = cfg.data.num_workers
-        self.third_cache = third_cache
+        self.third_caches = list(third_caches or [])
         self.third_images = third_images
         self.tokenizer = tokenizer
         self.with_images = with_images  # False: LiT on cached h never looks at the pixels
@@ -61,6 +64,11 @@ class ArrayTrainData:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def third_cache(self) -> FeatureCache | None:
+        """The first h's cache (one h: its only one)."""
+        return self.third_caches[0] if self.third_caches else None
 
     def batch(self, step: int) -> dict:
         per_rank = self.batch_size // self.world_size
@@ -72,8 +80,8 @@ class ArrayTrainData:
             batch["third_image"] = _take(self.third_images, idx)
         for name, column in self.columns.items():
             batch[name] = column[idx]
-        if self.third_cache is not None:
-            batch["third"] = self.third_cache.rows(idx)
+        if self.third_caches:
+            batch["third"] = torch.cat([cache.rows(idx) for cache in self.third_caches], dim=1)
         return batch
 
     def batches(self, start_step: int) -> Iterator[dict]:
@@ -132,42 +140,56 @@ def load_or_train_tokenizer(cfg: Config, captions: Iterable[str], output_dir: st
     return tokenizer
 
 
-def third_cache_for(cfg: Config, third, ds_id: str, keys: list[str], images: Callable[[int, int], torch.Tensor],
-                    progress: bool = True) -> FeatureCache | None:
-    """h's embeddings over the training rows, built once (resumably) and reused across runs.
-    `images(start, stop)`: h's pixels of those rows (uint8 [B, H, W, 3], at h's size or stored size)."""
-    if not caches_third(cfg, third):
-        return None
-    directory = cache_dir_for(cache_root(cfg), third.info(), ds_id)
-    # Rank 0 builds (or resumes) the cache; the other ranks then find it complete and only read it.
-    return rank0_first(lambda: build_feature_cache(directory, third, third.info(), ds_id, keys, images,
-                                                   batch_size=cfg.data.cache_batch_size, progress=progress))
+def third_caches_for(cfg: Config, thirds: list, ds_id: str, keys: list[str],
+                     pixels: Callable[[int], Callable[[], np.ndarray]], progress: bool = True) -> list[FeatureCache]:
+    """Each h's embeddings over the training rows (one cache per h, model.thirds order), built once
+    (resumably) and reused across runs; [] when training does not read a cache.
+    `pixels(size)()`: h's pixels of the rows for an h of input size `size` (uint8 [N, H, W, 3], at that
+    size or as stored), loaded only if a cache has to be built."""
+    if not caches_third(cfg, thirds):
+        return []
+    caches = []
+    for third in thirds:
+        directory = cache_dir_for(cache_root(cfg), third.info(), ds_id)
+        rows = pixels(third.preprocessing.input_size)
+        # Rank 0 builds (or resumes) the cache; the other ranks then find it complete and only read it.
+        caches.append(rank0_first(lambda: build_feature_cache(
+            directory, third, third.info(), ds_id, keys, lambda s, e: torch.from_numpy(np.array(rows()[s:e])),
+            batch_size=cfg.data.cache_batch_size, progress=progress)))
+    return caches
 
 
-def caches_third(cfg: Config, third) -> bool:
-    """Whether training reads h's embeddings from the cache (and so never runs h in a step)."""
-    return cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and third is not None
+def caches_third(cfg: Config, thirds: list) -> bool:
+    """Whether training reads the h's embeddings from caches (and so never runs an h in a step)."""
+    return cfg.model.method != "clip" and cfg.data.third_embeddings == "cache" and bool(thirds)
 
 
-def online_third_size(cfg: Config, third) -> int:
-    """h's input size when h runs in every step (its pixels then travel in the batch); 0 otherwise."""
-    online = cfg.model.method != "clip" and cfg.data.third_embeddings == "online" and third is not None
-    return third.preprocessing.input_size if online else 0
+def online_third_size(cfg: Config, thirds: list) -> int:
+    """The h's input size when they run in every step (their pixels then travel in the batch, once for
+    them all); 0 otherwise. h's of several input sizes would each need pixels of their own: refused
+    where the data decodes pixels for h (CSV, shards); the world's stored pixels serve every h."""
+    if not (cfg.model.method != "clip" and cfg.data.third_embeddings == "online" and thirds):
+        return 0
+    sizes = sorted({t.preprocessing.input_size for t in thirds})
+    if len(sizes) > 1 and cfg.data.source != "world":
+        raise ConfigError(f"data.third_embeddings=online with data.source={cfg.data.source}: the h's of model.thirds "
+                          f"take input sizes {sizes}, and online h's share one decoding of the pixels; give them one "
+                          "input_size, or use data.third_embeddings=cache")
+    return sizes[-1]
 
 
-def _csv_third_images(cfg: Config, third, keys: list[str], progress: bool) -> Callable[[], np.ndarray]:
-    """The CSV's rows decoded at h's input size, for h (loaded on first use: a complete cache needs none).
+def _csv_third_images(cfg: Config, size: int, keys: list[str], progress: bool) -> Callable[[], np.ndarray]:
+    """The CSV's rows decoded at h's input size `size`, for h (loaded on first use: a complete cache needs none).
     No collective inside: the cache build calls it on rank 0 alone; callers on every rank wrap it in
     `rank0_first`."""
     held: list[np.ndarray] = []
 
     def load() -> np.ndarray:
         if not held:
-            arrays = load_csv_arrays(cfg.data, third.preprocessing.input_size, progress=progress,
-                                     store=cache_root(cfg) / "csv")
+            arrays = load_csv_arrays(cfg.data, size, progress=progress, store=cache_root(cfg) / "csv")
             if arrays.keys != keys:  # the same rows decode at any size; a difference means the files changed
                 raise ValueError(f"data.path={cfg.data.path}: the rows decoded at h's input size "
-                                 f"({third.preprocessing.input_size} px) differ from those at f's; was the CSV or an "
+                                 f"({size} px) differ from those at f's; was the CSV or an "
                                  "image changed during the run? Run again")
             held.append(arrays.images)
         return held[0]
@@ -177,7 +199,9 @@ def _csv_third_images(cfg: Config, third, keys: list[str], progress: bool) -> Ca
 
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
                      third=None) -> ArrayTrainData | ShardTrainData | StreamTrainData:
-    """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, h's embeddings."""
+    """Contrastive training data for `cfg`: images, tokens and, for lit/3t with the cache, each h's
+    embeddings. `third`: the built h's (a list in model.thirds order; one h alone will do)."""
+    thirds = [t for t in per_third(third, len(third_sections(cfg.model)), "third") if t is not None]
     source = cfg.data.source
     if source == "world":
         world = World(cfg.data.world, progress=rank == 0)
@@ -185,52 +209,55 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1,
         images, captions, keys = pairs.images, pairs.captions, pairs.keys
         ds_id = dataset_id("world", cfg.data.world.seed, pairs.keys[0], len(keys))  # keys carry the world's hash
         bad: dict[str, int] = {}
-        third_images = lambda: images  # noqa: E731  (h sees the rendered pixels, resized to its own size)
+        third_images = lambda size: lambda: images  # noqa: E731  (every h sees the rendered pixels, resized to its own size)
     elif source == "csv":
         # Decoded once into a memory-mapped file under the cache root (rank 0 decodes, the others map it).
         images, captions, keys, bad, identity = rank0_first(lambda: load_csv_arrays(
             cfg.data, cfg.model.image.image_size, progress=rank == 0, store=cache_root(cfg) / "csv"))
         ds_id = dataset_id("csv", identity, len(keys))
-        third_images = _csv_third_images(cfg, third, keys, rank == 0) if third is not None else None
+        third_images = lambda size: _csv_third_images(cfg, size, keys, rank == 0)  # noqa: E731  (at each h's size)
     elif cfg.data.shard_access == "stream":
-        return StreamTrainData(cfg, rank, world_size, third_size=online_third_size(cfg, third))
+        return StreamTrainData(cfg, rank, world_size, third_size=online_third_size(cfg, thirds))
     else:
-        return indexed_shard_data(cfg, rank, world_size, third)
+        return indexed_shard_data(cfg, rank, world_size, thirds)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, captions, cfg.train.output_dir, ds_id))
     tokens = tokenizer(captions)
-    cache = third_cache_for(cfg, third, ds_id, keys, lambda s, e: torch.from_numpy(np.array(third_images()[s:e])),
-                            progress=rank == 0)
+    caches = third_caches_for(cfg, thirds, ds_id, keys, third_images, progress=rank == 0)
     # Online h on a CSV decoded at f's size needs its own pixels when its size differs (rank 0 decodes,
     # the others map its files); the world's stored pixels serve f and h alike.
-    size = online_third_size(cfg, third)
-    own_pixels = rank0_first(third_images) if source == "csv" and size not in (0, cfg.model.image.image_size) else None
-    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, cache, tokenizer,
-                          with_images=cfg.model.method != "lit" or cache is None, third_images=own_pixels,
+    size = online_third_size(cfg, thirds)
+    own_pixels = rank0_first(third_images(size)) if source == "csv" and size not in (0, cfg.model.image.image_size) \
+        else None
+    return ArrayTrainData(images, {"tokens": tokens}, keys, cfg, rank, world_size, caches, tokenizer,
+                          with_images=cfg.model.method != "lit" or not caches, third_images=own_pixels,
                           bad=bad if rank == 0 else {})  # the trainer sums ranks' counts; one pass, counted once
 
 
-def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, third=None) -> ShardTrainData:
-    """Indexed local shards: the ranks index (and, for lit/3t with the cache, run h over) their share of
-    the shards, resumably, then every rank reads the manifest of them all."""
+def indexed_shard_data(cfg: Config, rank: int = 0, world_size: int = 1, thirds: list | None = None) -> ShardTrainData:
+    """Indexed local shards: the ranks index (and, for lit/3t with the cache, run each h over) their share
+    of the shards, resumably, then every rank reads the manifest of them all."""
     report = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    cached = caches_third(cfg, third)
+    thirds = list(thirds or [])
+    cached = caches_third(cfg, thirds)
     urls = shard_urls(cfg)
-    shards = prepare_shards(cfg, urls, cache_root(cfg), third if cached else None, rank, world_size, report)
+    shards = prepare_shards(cfg, urls, cache_root(cfg), thirds if cached else [], rank, world_size, report)
     tokenizer = rank0_first(lambda: load_or_train_tokenizer(cfg, stream_captions(urls), cfg.train.output_dir,
                                                             shards.dataset_id))
-    return ShardTrainData(cfg, shards, tokenizer, rank, world_size, third_size=online_third_size(cfg, third))
+    return ShardTrainData(cfg, shards, tokenizer, rank, world_size, third_size=online_third_size(cfg, thirds))
 
 
-def cache_summary(data: ArrayTrainData | ShardTrainData, third) -> str:
-    """One line on h's embedding cache of `data`, for `threetowers cache`."""
+def cache_summary(data: ArrayTrainData | ShardTrainData, thirds: list) -> str:
+    """One line per h on its embedding cache of `data`, for `threetowers cache`."""
     if isinstance(data, ShardTrainData):
         bad: dict[str, int] = {}
         for reason in data.shards.known_bad.values():
             bad[reason] = bad.get(reason, 0) + 1
         unreadable = f"; images unreadable: {', '.join(f'{k} x{v}' for k, v in sorted(bad.items()))}" if bad else ""
-        return (f"{len(data)} samples in {len(data.shards.urls)} shards: embeddings of {third.name} ({third.dim}-d) "
-                f"in {data.shards.embedding_dir}{unreadable}")
-    return f"{len(data.third_cache)} embeddings of {third.name} ({third.dim}-d) in {data.third_cache.directory}"
+        return "\n".join(f"{len(data)} samples in {len(data.shards.urls)} shards: embeddings of {third.name} "
+                         f"({third.dim}-d) in {directory}{unreadable}"
+                         for third, directory in zip(thirds, data.shards.embedding_dirs))
+    return "\n".join(f"{len(cache)} embeddings of {third.name} ({third.dim}-d) in {cache.directory}"
+                     for third, cache in zip(thirds, data.third_caches))
 
 
 def cache_root(cfg: Config) -> Path:

@@ -108,7 +108,7 @@ def run_tasks(model: Any, tokenizer: Callable, tasks: dict[str, Task], batch_siz
 
 def trainer_hook(cfg: Config, tokenizer: Callable, third: Any = None) -> Callable[[Any, int], dict] | None:
     """The trainer's periodic evaluation: `eval.tasks` with the run's tokenizer (None without tasks).
-    `third`: h, for a model trained on cached embeddings that holds none."""
+    `third`: the h's (one, or a list in model.thirds order), for a model trained on cached embeddings that holds none."""
     names = [n for n in cfg.eval.tasks if cfg.data.source == "world" or n not in WORLD_TASKS]
     if not names:
         return None  # world tasks only make sense for models trained on the world

@@ -24,6 +24,7 @@ from ..core.sets import to_device
 from ..data.tokenizer import load_tokenizer
 from ..model.factory import load_model, read_model_meta
 from ..model.three_towers import ThreeTowers
+from ..schema import third_sections
 
 TOWERS = ("image", "text", "third")
 DTYPES = ("float16", "float32")
@@ -107,7 +108,8 @@ class TowerEmbedder:
         self.name = f"{method}/{tower}"
         self._info = {
             "name": self.name, "preprocessing": preprocessing,
-            "dim": (cfg.model.third.head_dim or meta["third"]["dim"]) if in_h_space else cfg.model.embed_dim,
+            # h's space is the first h's (several h's: --tower third embeds through the first one's heads).
+            "dim": (third_sections(cfg.model)[0][1].head_dim or meta["third"]["dim"]) if in_h_space else cfg.model.embed_dim,
             "precision": ("bf16-autocast" if amp else "fp32") + (f"+h-{third.precision}" if uses_h else ""),
         }
 

@@ -19,8 +19,20 @@ from torch import nn
 
 from ..core.distributed import gather_with_grad
 
-# Named embeddings a term can align; see docs/method.md.
+# Named embeddings a term can align; see docs/method.md. Those of h (the last four) are per h: h_k's
+# carry `per_h`'s suffix.
 EMBEDDINGS = ("image", "text", "image_h", "text_h", "third_f", "third_g")
+
+
+def h_suffix(k: int) -> str:
+    """The suffix of h_k's names (k counts from 0 in model.thirds order): none for the first h, so that
+    one h is named as it always was (image_h, loss/image_h~third_f, mix@a), and `.k+1` for the others
+    (image_h.2, loss/image_h.2~third_f.2, mix.2@a). A name never depends on how many h's there are."""
+    return "" if k == 0 else f".{k + 1}"
+
+
+def per_h(name: str, k: int) -> str:
+    return name + h_suffix(k)
 
 
 @dataclass(frozen=True)
@@ -34,15 +46,24 @@ class Term:
         return f"{self.a}~{self.b}"
 
 
-def method_terms(method: str, weights_3t: list[float] | tuple[float, ...] = (1 / 3,) * 3) -> list[Term]:
-    """The alignment terms of each method, over named embeddings."""
+def method_terms(method: str, weights_3t: list[float] | tuple[float, ...] = (1 / 3,) * 3,
+                 num_thirds: int = 1) -> list[Term]:
+    """The alignment terms of each method, over named embeddings. 3T with K = `num_thirds` h's:
+    (image, text), then (image_h, third_f) and (text_h, third_g) of each h, weighted by `weights_3t`
+    (1 + 2K numbers in that order; `schema.loss_weights` gives them)."""
     if method == "clip":
         return [Term("image", "text", 1.0)]
     if method == "lit":
         return [Term("third_g", "text_h", 1.0)]
     if method == "3t":
-        w_fg, w_fh, w_gh = weights_3t
-        return [Term("image", "text", w_fg), Term("image_h", "third_f", w_fh), Term("text_h", "third_g", w_gh)]
+        if len(weights_3t) != 1 + 2 * num_thirds:
+            raise ValueError(f"3T with {num_thirds} third tower(s) needs {1 + 2 * num_thirds} term weights, "
+                             f"got {list(weights_3t)}")
+        terms = [Term("image", "text", weights_3t[0])]
+        for k in range(num_thirds):
+            terms += [Term(per_h("image_h", k), per_h("third_f", k), weights_3t[1 + 2 * k]),
+                      Term(per_h("text_h", k), per_h("third_g", k), weights_3t[2 + 2 * k])]
+        return terms
     raise ValueError(f"model.method={method!r}; expected clip, lit or 3t")
 
 
@@ -116,7 +137,7 @@ class TermLoss(nn.Module):
 
     def gather(self, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every rank's rows of each embedding the terms use, in one collective: the distinct tensors
-        (with model.third.heads=none, third_f and third_g are one) side by side as one fp32 [N, ΣD]."""
+        (with heads=none on an h, its third_f and third_g are one) side by side as one fp32 [N, ΣD]."""
         names = list(dict.fromkeys(name for t in self.terms for name in (t.a, t.b)))
         if self.world_size == 1:
             return {name: emb[name] for name in names}

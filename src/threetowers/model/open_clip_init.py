@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..core.formats import read_state_dict
-from ..schema import Config, ConfigError
+from ..schema import Config, ConfigError, third_sections
 from ..towers.build import TimmTower
 from ..towers.open_clip_arch import (OPENAI_MEAN, OPENAI_STD, TOWER_PREFIXES, read_open_clip_config,
                                      state_from_open_clip, weights_file)
@@ -54,7 +54,7 @@ def init_from_open_clip(model: ThreeTowers, state: dict[str, torch.Tensor] | Non
 def check_init(cfg: Config) -> None:
     """Refuse, before any data work, an open_clip model whose weights do not fit the configured towers:
     the same mapping against a model built on the meta device (no memory, no time)."""
-    third_info = None if cfg.model.method == "clip" else {"dim": 1, "name": "h"}  # h's heads start fresh: any size
+    third_info = [{"dim": 1, "name": "h"} for _ in third_sections(cfg.model)]  # h's heads start fresh: any size
     with torch.device("meta"):
         model = create_model(cfg, third_info=third_info)
     _mapped(model, read_open_clip_state(cfg))

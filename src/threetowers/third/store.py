@@ -226,11 +226,12 @@ class EvalFeatures:
     preprocessing. Nothing is global: whoever creates the store decides what it serves.
 
     `third`: the h to use for a model that holds none (trained on cached embeddings, whose h is kept
-    off the accelerator while it trains); it visits the evaluation's device only to fill the store.
+    off the accelerator while it trains), or a list of them (model.thirds order); each visits the
+    evaluation's device only to fill the store.
     """
 
     def __init__(self, third=None) -> None:
-        self.third = third
+        self.thirds = list(third) if isinstance(third, (list, tuple)) else [] if third is None else [third]
         self._sets: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}
 
     def features(self, third: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,

@@ -131,4 +131,19 @@ def check_same_third(recorded: dict | None, found: dict | None, where: str) -> N
     if recorded and found and recorded["fingerprint"] != found["fingerprint"]:
         raise ValueError(f"{where} was trained with third tower {recorded['name']} (weights "
                          f"{recorded['fingerprint'][:12]}), not {found['name']} ({found['fingerprint'][:12]}); "
-                         "give the same model.third settings it was trained with")
+                         "give the same h settings (model.third, or model.thirds) it was trained with")
+
+
+def per_third(value, count: int, what: str) -> list:
+    """One entry per h: a list as given, None for each, or one value when there is one h (the
+    convenience of single-h callers: third=h, third_info=info)."""
+    if value is None:
+        return [None] * count
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{what}: {len(value)} given, but the model has {count} third tower(s)")
+        return list(value)
+    if count != 1:
+        raise ValueError(f"{what}: one given, but the model has {count} third towers; give a list, one per h "
+                         "in model.thirds order")
+    return [value]

@@ -1,9 +1,9 @@
 """The contrastive job: CLIP, LiT and 3T (one `ThreeTowers` model, configured) through the trainer.
 
-`train` checks that the output directory can be resumed, builds h once on the rank's device
-(`model/factory.build_third`), the data (with h's embedding cache), the model and the periodic
-evaluation, then hands a `Job` to `trainer.run`. A model trained on cached embeddings holds only h's
-identity while it trains (no copy of h on the accelerator); h is attached again to the model returned.
+`train` checks that the output directory can be resumed, builds each h once on the rank's device
+(`model/factory.build_thirds`), the data (with one embedding cache per h), the model and the periodic
+evaluation, then hands a `Job` to `trainer.run`. A model trained on cached embeddings holds only the
+h's identities while it trains (no copy of h on the accelerator); they are attached again to the model returned.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from ..core.distributed import init_distributed, on_main, shutdown
 from ..data.clip_bpe import open_clip_tokenizer
 from ..data.loader import build_train_data, caches_third
 from ..eval.tasks import trainer_hook
-from ..model.factory import build_third, create_model, load_model_weights, save_model
+from ..model.factory import build_thirds, create_model, load_model_weights, save_model
 from ..model.open_clip_init import check_init, init_from_open_clip
-from ..schema import Config
+from ..schema import Config, third_sections
+from ..third.tower import per_third
 from .checkpoint import CheckpointError, check_writable, find_resume
 from .resume import check_resume_early
 from .trainer import Evaluate, Job, TrainData, TrainResult, run, runtime
@@ -51,7 +52,7 @@ def check_init_early(cfg: Config) -> None:
 
 
 def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None = None,
-          evaluate: Evaluate | None = None, *, third: nn.Module | None = None,
+          evaluate: Evaluate | None = None, *, third: nn.Module | list[nn.Module] | None = None,
           data: TrainData | None = None) -> TrainResult:
     """Train CLIP, LiT or 3T as configured; the Python twin of `threetowers train`.
 
@@ -60,8 +61,9 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
     run's tokenizer is at `<output_dir>/tokenizer.json` before the first call. When the data is
     built from the config, the default is the suite over `eval.tasks`
     (threetowers.eval.tasks.trainer_hook); with your own `data`, pass `evaluate` yourself. `third`
-    (a built h) and `data` (anything with `batches(start_step)`, `bad_samples()` and `tokenizer`)
-    replace the ones the config would build, for notebooks and tests. Under torchrun, call it on every rank.
+    (a built h, or a list of them in model.thirds order) and `data` (anything with `batches(start_step)`,
+    `bad_samples()` and `tokenizer`) replace the ones the config would build, for notebooks and tests.
+    Under torchrun, call it on every rank.
     """
     cfg = resolve_config(cfg_or_preset, overrides)
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
@@ -75,16 +77,17 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
                 Path(cfg.train.output_dir), cfg.train.resume, lambda msg: None) is None)
             if init:
                 on_main(info, lambda: check_init_early(cfg))
-            # h on the rank's device: its cache is built there (and online h runs there).
-            third = third.to(info.device) if third is not None else build_third(cfg, info.device)
+            # The h's on the rank's device: their caches are built there (and online h's run there).
+            thirds = [t.to(info.device) for t in per_third(third, len(third_sections(cfg.model)), "third")] \
+                if third is not None else build_thirds(cfg, info.device)
             t0 = time.perf_counter()
             cached = False
             if data is None:
-                data = build_train_data(cfg, info.rank, info.world_size, third=third)
-                cached = caches_third(cfg, third)
-                if cached:  # no step runs h: keep it off the accelerator (evaluation borrows it)
-                    third = third.cpu()
-                evaluate = evaluate or trainer_hook(cfg, data.tokenizer, third)
+                data = build_train_data(cfg, info.rank, info.world_size, third=thirds)
+                cached = caches_third(cfg, thirds)
+                if cached:  # no step runs an h: keep them off the accelerator (evaluation borrows them)
+                    thirds = [t.cpu() for t in thirds]
+                evaluate = evaluate or trainer_hook(cfg, data.tokenizer, thirds)
             data_seconds = time.perf_counter() - t0
             tokenizer: Any = getattr(data, "tokenizer", None)
             if tokenizer is not None:
@@ -92,7 +95,8 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
                 on_main(info, lambda: tokenizer.save(Path(cfg.train.output_dir) / "tokenizer.json"))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-                model = create_model(cfg, third=None if cached else third, third_info=third.info() if cached else None)
+                model = create_model(cfg, third=None if cached else thirds,
+                                     third_info=[t.info() for t in thirds] if cached else None)
             if init:
                 loaded = init_from_open_clip(model)
                 what = "g's trunk" if cfg.model.method == "lit" else "f, g, their projections and the (f, g) temperature"
@@ -101,8 +105,8 @@ def train(cfg_or_preset: Config | str | Path, overrides: list[str] | dict | None
             model.loss.distribute(info.rank, info.world_size)  # the loss gathers over the ranks
             job = Job("train", model, data, partial(save_contrastive, tokenizer=tokenizer), load_contrastive)
             result = run(cfg, job, info, evaluate)
-        if cached:  # the model handed back is whole: h on its device, as a model built with h would be
-            result.model.third = third.to(info.device)
+        if cached:  # the model handed back is whole: the h's on its device, as a model built with them would be
+            result.model.attach_thirds([t.to(info.device) for t in thirds])
         result.tokenizer, result.data_seconds = tokenizer, data_seconds
         return result
     finally:

@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .ema import WeightsEMA
 from .flops import train_flops_per_pair, utilisation
+from .job import Job
 from .logging import RunLogger
 from .nonfinite import NonFiniteSteps, TrainingStopped
 from .resume import check_resumable, report_on_main, restore_rng
@@ -95,7 +96,7 @@ class Window:
 class Loop:
     """One run of the loop: the model, its optimizer, schedule and EMA, and what the phases share."""
 
-    def __init__(self, cfg: Config, job, info: DistInfo, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, cfg: Config, job: Job, info: DistInfo, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, evaluate: Evaluate | None):
         self.cfg, self.tc, self.job, self.info = cfg, cfg.train, job, info
         self.out = Path(cfg.train.output_dir)
@@ -105,6 +106,7 @@ class Loop:
         self.ema = WeightsEMA(model, cfg.train.ema_decay)  # does nothing with train.ema_decay=0
         self.evaluate_hook = evaluate
         self.after_update = getattr(model, "after_update", lambda: None)  # e.g. keeps the temperatures in range
+        self.stops = StopFlags(cfg.train.checkpoint_minutes, info)  # a stop signal, and rank 0's clock from here
         # What the phases share, from resume on.
         self.start = 0  # the step the loop starts from (the checkpoint's)
         self.skipped = 0  # steps skipped for a non-finite loss or gradient, as last read by the host
@@ -155,7 +157,6 @@ class Loop:
                                 progress=tc.progress, tensorboard=tc.tensorboard, desc=self.job.name)
         self.per_rank = tc.batch_size // info.world_size
         self.nonfinite = NonFiniteSteps(self.optimizer, tc, self.skipped, info.device)
-        self.stops = StopFlags(tc.checkpoint_minutes, info)
         if any_rank(stop_requested() is not None):  # a signal while the data were prepared (their caches are kept)
             raise preempted(f"before step {self.start + 1}" + (f"; the last checkpoint is {self.last_ckpt}"
                                                                  if self.last_ckpt else ""))

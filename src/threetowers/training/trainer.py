@@ -21,7 +21,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -30,30 +30,12 @@ from ..core.distributed import DistInfo
 from ..core.preemption import STOP_FILE, stop_on_signals
 from ..schema import Config
 from .logging import read_metrics
+from .job import Job, TrainData
 from .loop import EvaluationFailed, Evaluate, Loop
 from .nonfinite import TrainingStopped
 from .optim import build_optimizer, build_scheduler
 from .resume import seed_everything
 from .step import forward_backward, split_batch
-
-
-class TrainData(Protocol):
-    """What the loop reads: one batch per step from any step on, and the bad samples counted so far."""
-
-    def batches(self, start_step: int) -> Iterator[dict]: ...
-
-    def bad_samples(self) -> dict[str, int]: ...
-
-
-@dataclass
-class Job:
-    """What the loop trains, and how its weights are written to and read from a directory."""
-
-    name: str
-    model: nn.Module  # forward(batch) -> {"loss": scalar, other scalars to log, ...}
-    data: TrainData
-    save_model: Callable[[nn.Module, Path], None]
-    load_weights: Callable[[nn.Module, Path], None]
 
 
 @dataclass
@@ -119,18 +101,19 @@ def runtime(cfg: Config, info: DistInfo) -> Iterator[None]:
 
 
 def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None) -> TrainResult:
-    """Train `job.model` on `job.data` for `cfg.train.steps` steps, resuming as `cfg.train.resume` says."""
+    """Train `job.model` on `job.data` for `cfg.train.steps` steps, resuming as `cfg.train.resume` says.
+    The phases are `Loop`'s methods (loop.py), called here top to bottom."""
     model = job.model.to(info.device)
     optimizer = build_optimizer(model, cfg.optim, info.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loop = Loop(cfg, job, info, model, optimizer, scheduler, evaluate)
-    loop.resume()
+    loop.resume()  # the checkpoint train.resume picks, or step 0
     try:
-        loop.prepare()
+        loop.prepare()  # output directory, DDP and compile, logger, batches (a stop signal so far stops here)
         for step in range(loop.start, cfg.train.steps):
-            loop.step(step)
+            loop.step(step)  # forward, backward, the update (a non-finite one skipped on the device)
             done = step + 1
-            now = loop.decide(done)
+            now = loop.decide(done)  # the stop decision: non-finite, signal, time, end
             if now.log:
                 loop.log(done)
             if now.evaluate:
@@ -138,8 +121,8 @@ def run(cfg: Config, job: Job, info: DistInfo, evaluate: Evaluate | None = None)
             if now.checkpoint:
                 loop.checkpoint(done)
             if now.stop:
-                loop.stop(done)
-        model_dir = loop.finish()
+                loop.stop(done)  # raises Preempted on every rank
+        model_dir = loop.finish()  # the final model
     finally:
         loop.close()
     model.eval()
