@@ -334,10 +334,10 @@ def test_layouts_read_back(built):
         classes = root.joinpath("classnames.txt").read_text().splitlines()
         assert len(classes) == n_classes and classes == manifest["classes"][name]
         assert all("{c}" in t for t in root.joinpath("zeroshot_classification_templates.txt").read_text().splitlines())
-        for split in ("train", "test"):
-            labels = [int(c) for c, in wds.WebDataset(str(root / split / "0.tar"), shardshuffle=False)
+        for part in ("train", "test"):
+            labels = [int(c) for c, in wds.WebDataset(str(root / part / "0.tar"), shardshuffle=False)
                       .to_tuple("cls")]
-            assert len(labels) == manifest["splits"][name][split] and all(0 <= c < n_classes for c in labels)
+            assert len(labels) == manifest["splits"][name][part] and all(0 <= c < n_classes for c in labels)
     emoji_classes = manifest["classes"]["emoji_category"]
     emoji_test = [emoji_classes[int(c)] for c, in wds.WebDataset(str(out / "wds/emoji_category/test/0.tar"),
                                                                 shardshuffle=False).to_tuple("cls")]
