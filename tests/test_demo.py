@@ -47,7 +47,7 @@ def test_quick_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     assert set(report["heldout_top1"]) == {"object", "scene"} and "Held-out top-1 of the pretrained h" in md
     for plot in ("metrics.png", "curves.png", "mixing.png", "world.png"):
         assert (out / plot).stat().st_size > 1000
-    assert set(result["timings"]) == {"render", "pretrain", "ceilings", "cache", "train", "eval"}
+    assert set(result["timings"]) == {"render", "pretrain", "ceilings", "runs", "cache", "train", "eval", "total"}
     # each h's ceiling on each zero-shot set, beside LiT's and 3T's zero-shot top-1 with it
     assert set(report["ceilings"]) == {"object", "scene", "imagenet"}
     assert all(0.0 <= v <= 1.0 for found in report["ceilings"].values() for v in found.values())
@@ -112,3 +112,57 @@ def test_failed_claims_get_hypotheses_with_their_ablation_commands():
     quick = "\n".join(ablation_plan([failed], "threetowers demo --quick", 100, "demo-quick", seeds=1))
     assert "`threetowers demo --quick seeds=[0,1,2] thirds=[imagenet] methods=[3t] output_dir=demo-quick-per_term " in quick
     assert "--run train.steps=300`" in quick
+
+
+def test_runs_at_once_give_the_same_results_as_one_at_a_time(tmp_path, monkeypatch):
+    """jobs=2 runs each run in a worker process under its own threads: every metric, curve point and
+    mixing value equals jobs=1's to the last bit; each worker's run writes its console to runs/<run>.log."""
+    monkeypatch.setenv("THREETOWERS_CACHE", str(tmp_path / "cache"))
+    rows = {}
+    for jobs in (1, 2):
+        demo = load_demo_config("demo/quick", [
+            f"output_dir={tmp_path / f'jobs{jobs}'}", f"jobs={jobs}", "seeds=[0]", "thirds=[object]", "ceiling_shots=3",
+            f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]", TINY_PRETRAIN,
+        ])
+        result = run_demo(demo)
+        rows[jobs] = result["runs"]
+        assert {"runs", "total"} <= set(result["timings"])
+    assert [(r["method"], r["third"]) for r in rows[2]] == [("clip", None), ("lit", "object"), ("3t", "object")]
+    assert rows[1] == rows[2]
+    runs = tmp_path / "jobs2" / "runs"
+    assert sorted(p.name for p in runs.glob("*.log")) == ["3t_object_seed0.log", "clip_seed0.log", "lit_object_seed0.log"]
+    assert "train done" in (runs / "clip_seed0.log").read_text()
+    assert not list((tmp_path / "jobs1" / "runs").glob("*.log"))  # one at a time: the console is this process's
+    # the demo's identity leaves jobs out: the same demo with another jobs goes on in its folder
+    claim_output_dir(load_demo_config("demo/quick", [f"output_dir={tmp_path / 'jobs2'}", "jobs=1", "seeds=[0]",
+                                                     "thirds=[object]", "ceiling_shots=3",
+                                                     f"overrides=[{','.join(repr(o) for o in TINY_RUN)}]", TINY_PRETRAIN]))
+
+
+def test_no_two_runs_build_one_cache_at_once_and_builders_start_first():
+    from threetowers.apps.demo_runs import Run, _startable
+    from threetowers.config import load_config
+
+    cfg = load_config("tiny")
+    runs = [Run("clip", None, 0, cfg), Run("lit", "object", 0, cfg, ("object",)), Run("3t", "object", 0, cfg, ("object",)),
+            Run("3t", "object+scene", 0, cfg, ("object", "scene")), Run("3t", "scene", 0, cfg, ("scene",))]
+    idx = list(range(len(runs)))
+    # nothing built: the object and the scene builders first (the several-h run would build both: it waits)
+    assert _startable(runs, idx, set(), set(), 2) == [2, 4]  # builders first, the longest (3T) of object's
+    assert _startable(runs, idx, set(), set(), 5) == [2, 4, 0]  # then what reads no cache
+    assert _startable(runs, idx, set(), {"object"}, 2) == [4, 0]  # object's is being built: its readers wait
+    assert _startable(runs, idx, {"object"}, set(), 2) == [3, 0]  # object built: the several-h run builds scene
+    assert _startable(runs, idx, {"object", "scene"}, set(), 9) == [0, 2, 3, 4, 1]  # all free, longest first
+
+
+def test_a_failed_run_in_a_worker_names_the_run_and_its_log(tmp_path):
+    from threetowers.apps.demo import WorldScoring
+    from threetowers.apps.demo_runs import Run, run_all
+    from threetowers.config import load_config
+
+    bad = load_config("tiny", [f"train.output_dir={tmp_path / 'runs' / 'clip_seed0'}", "train.threads=1"])
+    bad.data.source, bad.data.path = "csv", str(tmp_path / "missing.csv")  # passes the config, fails in the run
+    good = load_config("tiny", [f"train.output_dir={tmp_path / 'runs' / 'other'}", "train.threads=1", "train.steps=1"])
+    with pytest.raises(RuntimeError, match=r"seed 0: training clip failed .*clip_seed0\.log"):
+        run_all([Run("clip", None, 0, bad), Run("clip", None, 1, good)], WorldScoring(good), 2, print)
+    assert "missing.csv" in (tmp_path / "runs" / "clip_seed0.log").read_text()

@@ -85,7 +85,7 @@ def test_the_demo_on_a_prepared_benchmark_trains_on_its_shards_and_scores_with_c
     assert "ZS colours_category top-1" in md and "colours_retrieval I→T R@1" in md
     assert "trained on every image of the zero-shot set's `train/` split" in md
     assert "threetowers demo --preset demo/clipart" in md and "Benchmark: `" in md
-    assert set(result["timings"]) == {"ceilings", "cache", "train", "eval"}
+    assert set(result["timings"]) == {"ceilings", "runs", "cache", "train", "eval", "total"}
     # the runs read the shards through their index, with h's embeddings cached per shard
     assert list((tmp_path / "demo" / "cache").rglob("*.npy"))
 

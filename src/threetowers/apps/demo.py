@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+
 
 import torch
 from omegaconf import OmegaConf
@@ -36,10 +36,10 @@ from ..eval.fewshot import linear_probe
 from ..eval.tasks import build_tasks, run_tasks
 from ..third.store import EvalFeatures
 from ..third.tower import load_third_tower
-from ..training.contrastive import train
 from ..training.pretrain import pretrain
 from ..world import World
 from .claims import SEVERAL, WORLD, Metrics
+from .demo_runs import Run, Scoring, check_jobs, run_all
 from .prepared import CEILING_NOTE, PreparedBenchmark
 from .report import write_report
 
@@ -63,6 +63,9 @@ class DemoConfig:
     pretrain_overrides: list[str] = field(default_factory=list)
     imagenet_input_size: int = 96  # EfficientNet-Lite0's input: 224 costs 5x more for little gain at 48 px
     ceiling_shots: int = 50  # images per class of the evaluation recipe that each h's ceiling probe trains on
+    # Runs at once, each in a worker process with its own train.threads (1 in demo/base): the results
+    # do not depend on it, only the wall time does (apps/demo_runs.py). Not part of the demo's identity.
+    jobs: int = 1
     # "" = the embedded world; else a folder written by `threetowers prepare clipart` (real images and
     # captions: its shards train every run, its wds/ sets score them through CLIP_benchmark), whose
     # h's are the real ImageNet classifiers only.
@@ -136,7 +139,7 @@ def claim_output_dir(demo: DemoConfig) -> None:
     demo (or anything else); the same demo again goes on where it stopped."""
     out = Path(demo.output_dir)
     record = out / "demo.json"
-    ours = {k: v for k, v in asdict(demo).items() if k != "output_dir"}
+    ours = {k: v for k, v in asdict(demo).items() if k not in ("output_dir", "jobs")}
     if record.is_file():
         theirs = json.loads(record.read_text())
         changed = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
@@ -166,7 +169,7 @@ class Ground:
 
     data: list[str]  # every run's data settings (none for the world: the base preset's)
     thirds: dict[str, list[str]]  # h's name -> the run settings that load it
-    evaluate: Callable[[Any, Callable, Config], tuple[dict, dict]]  # (model, tokenizer, cfg) -> (metrics, mixing per h)
+    evaluate: Scoring  # (model, tokenizer, cfg) -> (metrics, mixing per h)
     chance: dict[str, float]
     metrics: Metrics  # what the claims average over
     ceilings: dict[str, dict[str, float]]  # h (each one alone) -> zero-shot set -> its linear-probe accuracy
@@ -177,6 +180,7 @@ class Ground:
 
 def run_demo(demo: DemoConfig) -> dict:
     claim_output_dir(demo)  # before any work
+    started = time.perf_counter()
     out = Path(demo.output_dir)
     timings: dict[str, float] = {}
     ground = prepared_ground(demo, timings) if demo.benchmark else world_ground(demo, timings)
@@ -184,26 +188,17 @@ def run_demo(demo: DemoConfig) -> dict:
         _log(f"ceilings of h={name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in found.items()))
 
     # caches, training, evaluation
-    runs: list[dict] = []
-    timings["cache"] = timings["train"] = timings["eval"] = 0.0
     grid = [(m, None) for m in demo.methods if m == "clip"]
     grid += [(m, t) for t in ground.thirds for m in methods_for(demo, t)]
-    for seed in demo.seeds:
-        for method, third in grid:
-            cfg = run_config(demo, method, third, seed, [*ground.data, *ground.thirds.get(third, [])])
-            _log(f"seed {seed}: training {method}{f' with h={third}' if third else ''} ({cfg.train.steps} steps)")
-            t0 = time.perf_counter()
-            result = train(cfg)
-            timings["train"] += time.perf_counter() - t0 - result.data_seconds
-            timings["cache"] += result.data_seconds
-            t0 = time.perf_counter()
-            metrics, mixing = ground.evaluate(result["model"], result["tokenizer"], cfg)
-            timings["eval"] += time.perf_counter() - t0
-            runs.append({"method": method, "third": third, "seed": seed, "metrics": metrics,
-                         "curve": [[r["step"], r["train/loss"]] for r in result.curve if "train/loss" in r],
-                         "mixing": mixing.get(0, {}),  # the first h's sweep; the others' (several h's) beside it
-                         **({"mixing_h": {str(k + 1): m for k, m in mixing.items() if k}} if len(mixing) > 1 else {})})
-            _log("  " + ", ".join(f"{k}={100 * v:.1f}" for k, v in metrics.items() if k.endswith(("top1", "R@1"))))
+    grid_runs = [grid_run(demo, ground, method, third, seed) for seed in demo.seeds for method, third in grid]
+    check_jobs(grid_runs, demo.jobs, _log)
+    t0 = time.perf_counter()
+    outcomes = run_all(grid_runs, ground.evaluate, demo.jobs, _log)
+    timings["runs"] = time.perf_counter() - t0
+    for phase in ("cache", "train", "eval"):  # summed over the runs (which overlap when jobs > 1)
+        timings[phase] = sum(o.seconds[phase] for o in outcomes)
+    timings["total"] = time.perf_counter() - started
+    runs = [o.row for o in outcomes]
     base = load_config(demo.base, [*ground.data, *shared_overrides(demo, "clip")])
     header = f"# threetowers demo\n\nSettings: {settings_line(demo)}.\n\n{ground.about}Machine: {machine()}\n"
     if ground.heldout:
@@ -215,6 +210,12 @@ def run_demo(demo: DemoConfig) -> dict:
     _log("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     _log(f"wrote {out / 'results.md'}, results.json and plots")
     return {"runs": runs, "timings": timings}
+
+
+def grid_run(demo: DemoConfig, ground: Ground, method: str, third: str | None, seed: int) -> Run:
+    cfg = run_config(demo, method, third, seed, [*ground.data, *ground.thirds.get(third, [])])
+    reads_caches = third is not None and cfg.data.third_embeddings == "cache"
+    return Run(method, third, seed, cfg, tuple(h_parts(third)) if reads_caches else ())
 
 
 def world_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
@@ -256,10 +257,7 @@ def world_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
                 for name, cfg in single.items()}
     timings["ceilings"] = time.perf_counter() - t0
 
-    def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
-        return split_mixing(run_tasks(model, tokenizer, tasks, cfg.eval.batch_size, cfg.eval.mixing_alphas, store))
-
-    return Ground([], thirds, evaluate, chance_levels(tasks), WORLD, ceilings, heldout)
+    return Ground([], thirds, WorldScoring(base, tasks), chance_levels(tasks), WORLD, ceilings, heldout)
 
 
 def prepared_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
@@ -278,13 +276,49 @@ def prepared_ground(demo: DemoConfig, timings: dict[str, float]) -> Ground:
                                      base.eval.batch_size) for name, cfg in single.items()}
     timings["ceilings"] = time.perf_counter() - t0
 
-    def evaluate(model, tokenizer, cfg: Config) -> tuple[dict, dict]:
-        return bench.evaluate(model, tokenizer, cfg.model.image.image_size, cfg.eval.batch_size), {}
-
     packages = ", ".join(f"{k} {v}" for k, v in bench.manifest.get("packages", {}).items())
     about = f"Benchmark: `{bench.root}` (`threetowers prepare clipart`; {packages}).\n\n"
-    return Ground(bench.run_overrides(), thirds, evaluate, bench.chance(), bench.metrics(), ceilings,
+    return Ground(bench.run_overrides(), thirds, BenchmarkScoring(bench), bench.chance(), bench.metrics(), ceilings,
                   ceiling_note=CEILING_NOTE, about=about)
+
+
+class WorldScoring:
+    """A model's scores on the world's tasks (zero-shot, retrieval, few-shot, the mixing sweep).
+
+    A worker process receives the base config alone and renders the tasks once itself. h's features
+    of the sets are kept per process for all its runs, computed under the runs' threads (not shared
+    with the ceilings), so that a run's scores are the same whichever process scored it."""
+
+    def __init__(self, base: Config, tasks: dict | None = None):
+        self.base, self._tasks, self._store = base, tasks, EvalFeatures()
+
+    def __getstate__(self) -> dict:
+        return {"base": self.base}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["base"])
+
+    def __call__(self, model, tokenizer, cfg: Config) -> tuple[dict, dict]:
+        if self._tasks is None:
+            self._tasks = build_tasks(self.base, list(WORLD_TASKS))
+        return split_mixing(run_tasks(model, tokenizer, self._tasks, cfg.eval.batch_size, cfg.eval.mixing_alphas,
+                                      self._store))
+
+
+class BenchmarkScoring:
+    """A model's scores on a prepared benchmark's sets, through CLIP_benchmark (reopened in a worker process)."""
+
+    def __init__(self, bench: PreparedBenchmark):
+        self.bench = bench
+
+    def __getstate__(self) -> dict:
+        return {"root": self.bench.root, "names": list(self.bench.sets)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.bench = PreparedBenchmark.open(state["root"], state["names"])
+
+    def __call__(self, model, tokenizer, cfg: Config) -> tuple[dict, dict]:
+        return self.bench.evaluate(model, tokenizer, cfg.model.image.image_size, cfg.eval.batch_size), {}
 
 
 def demo_thirds(demo: DemoConfig, single: dict[str, list[str]], data: list[str] = ()) -> dict[str, list[str]]:

@@ -118,6 +118,10 @@ def write_report(directory: str | Path, runs: list[dict], thirds: dict[str, str]
     if timings:
         md += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        if "runs" in timings:
+            md += ["", "`runs` is the wall time of training and scoring every run; `cache`, `train` and `eval` are summed "
+                       "over the runs (they overlap when the demo runs several at once, `jobs`); `total` is the demo's wall "
+                       "time."]
     md += ["", "Plots: " + ", ".join(f"`{p}`" for p in plot_all(directory, runs, agg, order))]
     text = "\n".join(md) + "\n"
     write_text_atomic(directory / "results.md", text)
