@@ -1,6 +1,6 @@
 """The claims of an ablation that re-ran some methods, judged against the main demo's other runs.
 
-    python benchmarks/combine_ablation.py docs/results/demo_full/results.json docs/results/ablation_per_term/results.json
+    python benchmarks/combine_ablation.py docs/results/demo_full_threads2/results.json docs/results/ablation_per_term/results.json
 
 An ablation such as `--run model.third.heads=per_term` re-runs only 3T (LiT and CLIP have no such
 setting), so its own report has nothing to compare 3T with. This takes the main demo's runs, puts the

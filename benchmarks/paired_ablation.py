@@ -1,6 +1,6 @@
 """One method with and without a setting, paired by seed, on every headline metric.
 
-    python benchmarks/paired_ablation.py docs/results/demo_full/results.json docs/results/ablation_ema/results.json --method clip
+    python benchmarks/paired_ablation.py docs/results/demo_full_threads2/results.json docs/results/ablation_ema/results.json --method clip
 
 `combine_ablation.py` judges the paper's claims, which compare methods; this answers "does this
 setting help this method?": for each metric the ablation's run minus the main run of the same method,

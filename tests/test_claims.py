@@ -57,3 +57,10 @@ def test_each_h_gets_its_claims_and_the_table_lists_them():
     assert checked["C5"]["verdict"] == CONTRADICTED  # LiT wins scenes by 20 points on every seed
     table = summary_table(list(checked.values()), ["imagenet"])
     assert "| C1 3T > LiT, retrieval | **held** (+10.5 ± 0.3) |" in table and "C5 3T > LiT, h's labels" in table
+
+
+def test_a_demo_of_one_method_says_no_claim_is_checked_instead_of_an_empty_table():
+    runs = [{"method": "3t", "third": "imagenet", "seed": s, "metrics": {"retrieval/i2t_R@1": 0.4}} for s in range(3)]
+    checked = check_claims(runs, {"imagenet": "none"}, CHANCE)
+    assert checked == []
+    assert summary_table(checked, ["imagenet"]).startswith("No claim is checked here")

@@ -147,3 +147,24 @@ def test_cli_with_the_real_loader_trains_and_resumes(tmp_path):
     assert (out / "model" / "tokenizer.json").exists() and (out / "checkpoints" / "step_0000004").exists()
     vocab = json.loads((out / "model" / "model.json").read_text())["config"]["model"]["text"]["vocab_size"]
     assert vocab <= 300
+
+
+def test_settings_of_an_older_checkpoint_are_compared_as_they_were_meant():
+    """A checkpoint written before a field existed (train.ema_decay), or with the 3T weights spelled
+    out (the default before null meant it), notes no change; a real change is noted."""
+    from threetowers.config import to_dict
+    from threetowers.core.distributed import DistInfo
+    from threetowers.training.resume import check_resumable
+
+    cfg = load_config("tiny", ["model.method=3t", "model.third.source=checkpoint", "model.third.path=h"])
+    saved = to_dict(cfg)
+    del saved["train"]["ema_decay"]
+    saved["loss"]["weights"] = [1 / 3, 1 / 3, 1 / 3]
+    notes: list[str] = []
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    check_resumable({"config": saved}, cfg, info, notes.append)
+    assert notes == []
+    saved["loss"]["weights"] = [0.5, 0.25, 0.25]
+    saved["train"]["ema_decay"] = 0.99
+    check_resumable({"config": saved}, cfg, info, notes.append)
+    assert len(notes) == 1 and "loss.weights: [0.5, 0.25, 0.25] -> [0.3333" in notes[0] and "train.ema_decay: 0.99 -> 0.0" in notes[0]

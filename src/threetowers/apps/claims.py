@@ -118,6 +118,9 @@ def check_claims(runs: list[dict], thirds: dict[str, str], chance: dict[str, flo
 
 def summary_table(checked: list[dict], thirds: list[str]) -> str:
     """C1–C6 × h: the verdict, and the mean paired difference ± its standard error in points."""
+    if not checked:  # e.g. a demo of 3T alone (an ablation judged against another demo's runs)
+        return ("No claim is checked here: each compares two of CLIP, LiT and 3T, and this demo did not run both "
+                "sides of any (`benchmarks/combine_ablation.py` judges such runs against another demo's).")
     cell = {(c["id"], c["third"]): c for c in checked}
     texts = {c["id"]: SHORT[c["id"]] for c in checked}
     lines = ["| claim | " + " | ".join(f"h = {t}" for t in thirds) + " |", "|---" * (len(thirds) + 1) + "|"]

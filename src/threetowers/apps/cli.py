@@ -329,12 +329,16 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                    "results.md, results.json and plots to the output directory. With "
                                    "--preset demo/clipart the same comparison runs on real captioned drawings "
                                    "prepared by `threetowers prepare clipart`, scored by CLIP_benchmark.",
-                       epilog="examples:\n  threetowers demo                       # the full run (about 20 min on 2 cores)\n"
-                              "  threetowers demo --quick               # a first look (one seed; about 2 min)\n"
+                       epilog="examples:\n  threetowers demo                       # the full run (about 16 min on 2 cores)\n"
+                              "  threetowers demo --quick               # a first look (one seed; about 1.5 min)\n"
+                              "  threetowers demo jobs=8                # 8 runs at once (8+ cores): the same numbers, sooner\n"
                               "  threetowers demo --preset demo/clipart benchmark=clipart-data   # real drawings (14 min)\n"
                               "  threetowers demo seeds=[0] thirds=[object] methods=[lit,3t] output_dir=demo-object\n"
                               "  threetowers demo methods=[3t] output_dir=demo-per_term --run model.third.heads=per_term\n"
                               "  threetowers demo output_dir=demo-weights --run loss.weights=[0.5,0.25,0.25] --run train.steps=2700\n\n"
+                              "The runs train `jobs` at once (2 in demo/full), each in a worker process on its own "
+                              "train.threads (1 in demo/base), its console in <output_dir>/runs/<run>.log; a run's "
+                              "numbers do not depend on jobs.\n"
                               "Each demo writes into its own output_dir: a folder that holds a demo with other settings "
                               "is refused (its runs would be resumed and its report overwritten); the same demo "
                               "again goes on where it stopped.",

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ..config import to_dict
 from ..core.distributed import DistInfo, on_main
-from ..schema import Config, fill_added_fields
+from ..schema import Config, fill_added_fields, loss_weights
 from .checkpoint import CheckpointError, find_resume, load_train_state, set_rng_state
 
 
@@ -60,6 +60,12 @@ def check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[
     saved = state.get("config", {})
     now = to_dict(cfg)
     _check_model(saved.get("model", {}), now["model"], "the checkpoint")
+    # Compared as meant: fields added since the checkpoint at what their absence meant (else their
+    # defaults), and the 3T weights as used (null is the default list; the model is the same here).
+    saved = _with_defaults(fill_added_fields(saved), to_dict(Config()))
+    for side in (saved, now):
+        if side.get("loss", {}).get("weights") is None:
+            side.setdefault("loss", {})["weights"] = loss_weights(cfg)
     other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
              if not d.startswith("train.resume:")]
     if other:
