@@ -4,7 +4,8 @@ A run trains one `Config` and scores it (a `Scoring`), and gives its row of resu
 and is scored under its own `train.threads` wherever it runs, and CPU kernels are deterministic for a
 fixed thread count, so a demo's results do not depend on `jobs`; only its wall time does. On a CPU,
 two runs of one thread each do more work in a second than one run of two threads (small towers
-use a second core poorly: 1.27x more steps a second for the world's CLIP on 2 cores).
+use a second core poorly: 1.27-1.75x more steps a second for the demo's runs on 2 cores,
+benchmarks/bench_demo_jobs.py).
 
 Two runs never build one cache of h's embeddings at once: the first run that reads h's cache builds
 it (its `cached` names the h's), and any other run that reads it waits until it is built. In worker
