@@ -166,3 +166,34 @@ def test_a_failed_run_in_a_worker_names_the_run_and_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"seed 0: training clip failed .*clip_seed0\.log"):
         run_all([Run("clip", None, 0, bad), Run("clip", None, 1, good)], WorldScoring(good), 2, print)
     assert "missing.csv" in (tmp_path / "runs" / "clip_seed0.log").read_text()
+
+
+def test_a_stop_signal_to_the_demo_alone_stops_its_runs_with_their_state_and_the_same_command_goes_on(tmp_path):
+    """SIGTERM to the demo's own process (as a container's PID 1 gets it) reaches the runs in its worker
+    processes: each stops at its next step with a checkpoint, no other run starts, exit status 75."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = [o if not o.startswith("train.steps=") else "train.steps=400" for o in TINY_RUN] + ["train.log_every=5"]
+    argv = [sys.executable, "-m", "threetowers", "demo", "--quick", f"output_dir={tmp_path / 'demo'}", "seeds=[0]",
+            "thirds=[object]", "methods=[clip,3t]", "ceiling_shots=3", f"overrides=[{','.join(repr(o) for o in run)}]",
+            TINY_PRETRAIN]
+    env = {**os.environ, "THREETOWERS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = tmp_path / "demo" / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("step 5 " in p.read_text() for p in logs.glob("*.log")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "checkpointed where they stopped" in err and "Run the same command again to go on" in err
+    assert list(logs.glob("*/checkpoints/step_*")), "a stopped run left its checkpoint"
+    assert not (tmp_path / "demo" / "results.json").exists()
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    runs = json.loads((tmp_path / "demo" / "results.json").read_text())["runs"]
+    assert [(r["method"], r["third"]) for r in runs] == [("clip", None), ("3t", "object")]

@@ -11,7 +11,9 @@ Two runs never build one cache of h's embeddings at once: the first run that rea
 it (its `cached` names the h's), and any other run that reads it waits until it is built. In worker
 processes, each run's console output goes to `runs/<run>.log`; this process prints a line as each
 run starts and ends. A failed run stops the demo (the runs already finished are kept, and the same
-command goes on from there).
+command goes on from there). A stop signal (`train.stop_signals`), to this process or to all of
+them, stops every running run at its next stop point with its state saved, starts no other, and
+ends the demo in `Preempted` (exit status 75): the same command goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from ..core.preemption import Preempted, preempted, record_stop_signals, signal_number, stop_on_signals, stop_requested
 from ..schema import Config
 from ..training.contrastive import train
 
@@ -120,28 +123,41 @@ def check_jobs(runs: list[Run], jobs: int, log: Callable[[str], None]) -> None:
 
 def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str], None]) -> list[Outcome]:
     threads = max(r.cfg.train.threads for r in runs) or 1
+    signals = list(runs[0].cfg.train.stop_signals) if runs else []
     waiting = list(range(len(runs)))
     built: set[str] = set()  # h's whose caches are complete
     building: set[str] = set()  # h's whose caches a running run builds
     running: dict[Future, int] = {}
     outcomes: dict[int, Outcome] = {}
     started: dict[int, float] = {}
+    stopped: list[str] = []  # runs that stopped on a stop signal, with their state saved
+    forwarded = False
     context = multiprocessing.get_context("spawn")  # never fork a process whose OpenMP threads have run
-    with _blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                                     initargs=(scoring,)) as pool:
-        while waiting or running:
-            for i in _startable([runs[i] for i in waiting], waiting, built, building, jobs - len(running)):
+    with _blas_threads(threads), stop_on_signals(signals), \
+            ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(scoring, signals)) as pool:
+        while (waiting and not stop_requested()) or running:
+            if stop_requested() and not forwarded:
+                # A signal to this process alone (a container's PID 1, a scheduler's kill) reaches the
+                # runs too; one that reached them already is ignored the second time.
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal_number(stop_requested()))
+                forwarded = True
+            for i in [] if stop_requested() else _startable([runs[i] for i in waiting], waiting, built, building,
+                                                              jobs - len(running)):
                 waiting.remove(i)
                 building |= set(runs[i].cached) - built
                 log(f"{runs[i].label} ({runs[i].cfg.train.steps} steps; output: {runs[i].log_file})")
                 started[i] = time.perf_counter()
                 running[pool.submit(_execute_logged, runs[i])] = i
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             for future in done:
                 i = running.pop(future)
                 run = runs[i]
                 try:
                     outcomes[i] = future.result()
+                except (Preempted, KeyboardInterrupt):
+                    stopped.append(run.label)
+                    continue
                 except BaseException as err:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise RuntimeError(f"demo run {run.label} failed ({type(err).__name__}: {err}); its output is in "
@@ -151,6 +167,9 @@ def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str
                 building -= set(run.cached)
                 log(f"  done {len(outcomes)}/{len(runs)}: {run.label} in {time.perf_counter() - started[i]:.0f}s; "
                     + headline(outcomes[i]))
+        if stopped or len(outcomes) < len(runs):
+            raise preempted(f"with {len(outcomes)} of {len(runs)} runs done" +
+                            (f" and {len(stopped)} checkpointed where they stopped ({'; '.join(stopped)})" if stopped else ""))
     return [outcomes[i] for i in range(len(runs))]
 
 
@@ -172,9 +191,10 @@ def _startable(candidates: list[Run], indices: list[int], built: set[str], build
 _SCORING: Scoring | None = None  # a worker's scoring, received once
 
 
-def _start_worker(scoring: Scoring) -> None:
+def _start_worker(scoring: Scoring, signals: list[str]) -> None:
     global _SCORING
     _SCORING = scoring
+    record_stop_signals(signals)  # a signal between two runs stops the next one at its first stop point
 
 
 def _execute_logged(run: Run) -> Outcome:

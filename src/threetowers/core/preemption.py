@@ -122,6 +122,15 @@ def stop_on_signals(names, stop_file: Path | None = None) -> Iterator[None]:
             signal.signal(number, handler)
 
 
+def record_stop_signals(names) -> None:
+    """For the life of this process (a worker process that runs one job after another): the signals
+    `names` are recorded as stop requests, for the next stop point of its next run to act on."""
+    global _owner
+    _owner = os.getpid()
+    for name in names or ():
+        signal.signal(signal_number(name), _record)
+
+
 def _clear(stop_file: Path | None) -> None:
     if stop_file is not None:
         try:
