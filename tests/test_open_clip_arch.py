@@ -286,3 +286,27 @@ def test_a_checkpoint_written_before_these_fields_existed_still_resumes():
     old["image"]["act"] = "quick_gelu"
     with pytest.raises(CheckpointError, match=r"model.image.act: 'quick_gelu' -> 'gelu'"):
         _check_model(old, now, "the checkpoint")
+
+
+def test_another_image_size_resamples_the_positions_and_a_shorter_context_cuts_them(tmp_path):
+    """Fine-tuning at another resolution or with shorter captions: the image grid's position embeddings
+    are resampled (timm's bicubic resample, the class token kept), the text's cut to the shorter context;
+    text that fits the shorter context embeds exactly as open_clip's; a longer context is refused."""
+    from timm.layers import resample_abs_pos_embed
+
+    theirs, weights, config = small_open_clip(tmp_path)
+    ours, tokenizer = tt.import_open_clip(str(weights), str(config),
+                                          ["model.image.image_size=48", "model.text.context_length=12"])
+    grid = resample_abs_pos_embed(theirs.visual.positional_embedding[None], [6, 6], [4, 4], num_prefix_tokens=1)
+    assert ours.image_tower.pos_embed.shape == (1, 37, 64) and torch.equal(ours.image_tower.pos_embed.detach(), grid)
+    assert torch.equal(ours.image_tower.pos_embed.detach()[0, 0], theirs.visual.positional_embedding[0])  # class token
+    assert torch.equal(ours.text_tower.pos_embed.detach()[0], theirs.positional_embedding[:12])
+    short = ["a red star", "two dogs on grass"]
+    with torch.no_grad():
+        mine = ours.encode_text(tokenizer(short))
+        their = theirs.encode_text(open_clip.get_tokenizer("ViT-B-32")(short, context_length=16), normalize=True)
+    assert float((mine - their).abs().max()) <= 1e-5
+    assert ours.encode_image(torch.rand(2, 3, 48, 48)).shape == (2, 16)
+    with pytest.raises(ConfigError, match=r"positional_embedding has shape \(16, 32\); the configured "
+                                          r"text_tower.pos_embed needs \(20, 32\)"):
+        tt.import_open_clip(str(weights), str(config), ["model.text.context_length=20"])

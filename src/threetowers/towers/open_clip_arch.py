@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from ..schema import ConfigError
 
@@ -263,6 +265,21 @@ def from_open_clip(tensor: torch.Tensor, how: str) -> torch.Tensor:
     return _FROM_OPEN_CLIP[how](tensor)
 
 
+def fit_positions(key: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Position embeddings for other sizes than open_clip's, as fine-tuning at another resolution does:
+    the image grid resampled bicubically (timm's resample_abs_pos_embed; the class token's kept), the
+    text positions cut to a shorter context (a causal text tower never reads later positions). Any
+    other tensor, or a longer context, is returned as it is (and refused for its shape)."""
+    if tuple(tensor.shape) == tuple(shape) or tensor.ndim != 3 or tensor.shape[2] != shape[2]:
+        return tensor
+    if key == "text_tower.pos_embed" and shape[1] < tensor.shape[1]:
+        return tensor[:, : shape[1]].clone()
+    old, new = math.isqrt(tensor.shape[1] - 1), math.isqrt(shape[1] - 1)
+    if key == "image_tower.pos_embed" and old * old + 1 == tensor.shape[1] and new * new + 1 == shape[1]:
+        return resample_abs_pos_embed(tensor, [new, new], [old, old], num_prefix_tokens=1)
+    return tensor
+
+
 def state_from_open_clip(theirs: dict[str, torch.Tensor], shapes: dict[str, torch.Size], timm: bool,
                          where: str) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Our tensors for each key of `shapes` (our name -> shape) from open_clip's state `theirs`, and the
@@ -274,6 +291,7 @@ def state_from_open_clip(theirs: dict[str, torch.Tensor], shapes: dict[str, torc
             problems.append(f"{key} has no counterpart" + (f" ({found[0]} missing)" if found else ""))
             continue
         tensor = from_open_clip(theirs[found[0]], found[1])
+        tensor = fit_positions(key, tensor, shape)
         if tuple(tensor.shape) != tuple(shape):
             needed = tuple(to_open_clip(torch.empty(shape, device="meta"), found[1]).shape)
             problems.append(f"{found[0]} has shape {tuple(theirs[found[0]].shape)}; the configured {key} needs {needed}")
