@@ -66,8 +66,8 @@ def prepared_benchmark(root) -> None:
 def test_the_demo_on_a_prepared_benchmark_trains_on_its_shards_and_scores_with_clip_benchmark(tmp_path):
     prepared_benchmark(tmp_path / "bench")
     demo = load_demo_config("demo/clipart", [f"output_dir={tmp_path / 'demo'}", f"benchmark={tmp_path / 'bench'}",
-                                             "seeds=[0]", "imagenet_input_size=32", "benchmark_tasks=[]",
-                                             f"overrides=[{','.join(TINY_RUN)}]"])
+                                             "seeds=[0]", "imagenet_input_size=32", "benchmark_tasks=[]", "jobs=2",
+                                             f"overrides=[{','.join(TINY_RUN)}]"])  # jobs: the scoring goes to workers
     result = run_demo(demo)
     report = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert {(r["method"], r["third"]) for r in report["runs"]} == {("clip", None), ("lit", "imagenet"), ("3t", "imagenet")}

@@ -40,7 +40,7 @@ from ..training.pretrain import pretrain
 from ..world import World
 from .claims import SEVERAL, WORLD, Metrics
 from .demo_runs import Run, Scoring, check_jobs, run_all
-from .prepared import CEILING_NOTE, PreparedBenchmark
+from .prepared import CEILING_NOTE, BenchmarkScoring, PreparedBenchmark
 from .report import write_report
 
 # The third towers of the comparison: name -> the task its labels match ("none": neither). Names joined
@@ -303,22 +303,6 @@ class WorldScoring:
             self._tasks = build_tasks(self.base, list(WORLD_TASKS))
         return split_mixing(run_tasks(model, tokenizer, self._tasks, cfg.eval.batch_size, cfg.eval.mixing_alphas,
                                       self._store))
-
-
-class BenchmarkScoring:
-    """A model's scores on a prepared benchmark's sets, through CLIP_benchmark (reopened in a worker process)."""
-
-    def __init__(self, bench: PreparedBenchmark):
-        self.bench = bench
-
-    def __getstate__(self) -> dict:
-        return {"root": self.bench.root, "names": list(self.bench.sets)}
-
-    def __setstate__(self, state: dict) -> None:
-        self.bench = PreparedBenchmark.open(state["root"], state["names"])
-
-    def __call__(self, model, tokenizer, cfg: Config) -> tuple[dict, dict]:
-        return self.bench.evaluate(model, tokenizer, cfg.model.image.image_size, cfg.eval.batch_size), {}
 
 
 def demo_thirds(demo: DemoConfig, single: dict[str, list[str]], data: list[str] = ()) -> dict[str, list[str]]:

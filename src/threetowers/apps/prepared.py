@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError
+from ..schema import Config
 from ..eval.benchmark import count_wds, read_wds_classification, run_benchmark, wds_set_kind
 from ..eval.fewshot import linear_probe
 from ..third.store import EvalFeatures
@@ -115,3 +116,19 @@ class PreparedBenchmark:
         if key not in self._read:
             self._read[key] = read_wds_classification(self.root / "wds" / name, split, image_size)
         return self._read[key]
+
+
+class BenchmarkScoring:
+    """A model's scores on a prepared benchmark's sets, through CLIP_benchmark (reopened in a worker process)."""
+
+    def __init__(self, bench: PreparedBenchmark):
+        self.bench = bench
+
+    def __getstate__(self) -> dict:
+        return {"root": self.bench.root, "names": list(self.bench.sets)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.bench = PreparedBenchmark.open(state["root"], state["names"])
+
+    def __call__(self, model, tokenizer, cfg: Config) -> tuple[dict, dict]:
+        return self.bench.evaluate(model, tokenizer, cfg.model.image.image_size, cfg.eval.batch_size), {}
