@@ -1,4 +1,5 @@
 import io
+import json
 import struct
 import tarfile
 import zlib
@@ -442,3 +443,56 @@ def test_too_few_rows_for_the_batch_is_refused():
 
     with pytest.raises(ValueError, match="needs at least 256"):
         check_rows(200, 128)
+
+
+def test_a_stop_signal_during_a_csv_decode_keeps_what_was_decoded_and_the_next_call_goes_on(tmp_path, monkeypatch):
+    """SIGTERM in the middle of decoding a CSV into its store: Preempted between two batches, the rows
+    decoded so far kept (pixels flushed, a line of rows); a torn last line is redone; the next call
+    goes on and gives what one uninterrupted decode gives, bad-row counts included."""
+    import os
+    import signal
+
+    from threetowers.core.preemption import Preempted, stop_on_signals
+    from threetowers.data import csv_pairs
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["filepath,title"]
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,caption {i}" if i not in (5, 250) else f"img/missing{i}.png,caption {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="csv", path=str(tmp_path / "pairs.csv"), image_column="filepath", caption_column="title")
+    whole = load_csv_arrays(cfg, S, progress=False, store=tmp_path / "whole")
+    monkeypatch.setattr(csv_pairs, "SAVE_EVERY", 1)
+    row = csv_pairs._Rows.__getitem__
+
+    def signalled(self, i):  # the signal arrives while row 130 is decoded (the third batch of 64)
+        if i == 130:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row(self, i)
+
+    monkeypatch.setattr(csv_pairs._Rows, "__getitem__", signalled)
+    with pytest.raises(Preempted, match=r"while decoding pairs.csv \(192 of 300 rows"), stop_on_signals(["SIGTERM"]):
+        load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")
+    (folder,) = (tmp_path / "store").iterdir()
+    assert not (folder / "images.npy").exists() and not (folder / "rows.json").exists()
+    saved = (folder / "rows.partial.jsonl").read_text().splitlines()
+    assert [json.loads(line)["rows"] for line in saved] == [64, 128, 192]
+    with open(folder / "rows.partial.jsonl", "a") as f:
+        f.write('{"rows": 256, "captions": ["cut')  # a kill in the middle of a line: its rows are redone
+    monkeypatch.setattr(csv_pairs._Rows, "__getitem__", row)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv_pairs, "_decode_rows", killed)
+    with pytest.raises(KeyboardInterrupt):  # a kill after reading the lines: the torn one is gone, the whole ones kept
+        load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")
+    assert (folder / "rows.partial.jsonl").read_text().splitlines() == saved
+    monkeypatch.undo()
+    again = load_csv_arrays(cfg, S, progress=False, store=tmp_path / "store")
+    assert np.array_equal(np.asarray(again.images), np.asarray(whole.images))
+    assert again.captions == whole.captions and again.keys == whole.keys and len(again.keys) == 298
+    assert again.bad == whole.bad == {"unreadable_file": 2} and again.identity == whole.identity
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "rows.json"]

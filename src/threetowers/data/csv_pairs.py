@@ -3,20 +3,21 @@ decoded once into arrays for step-indexed training (`load_csv_arrays`)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..core.atomic import atomic_path, write_json_atomic
+from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.preemption import preempted, stop_requested
 from ..schema import DataConfig
 from .transforms import DEFAULT_MAX_PIXELS
 from .samples import MIN_SEEN, BadDataError, BadSampleCounter, SampleDecoder, collate
@@ -180,7 +181,8 @@ def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True,
     `images.npy` there instead of RAM, beside `rows.json` (captions, keys, bad counts; written last):
     RAM stays bounded whatever the file's size, and a later run on the same rows reuses the decode.
     The folder is named by the rows' identity (every path, its size and mtime), so an edited CSV or a
-    replaced image never reuses it.
+    replaced image never reuses it. A decode into a store is resumable: a stop signal or a kill
+    keeps what was decoded (`_decode_into`), and the next call goes on from there.
     """
     if cfg.augment:
         raise ValueError(
@@ -199,40 +201,107 @@ def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True,
                 print(f"{pairs.path.name}: {sum(kept.bad.values())} rows skipped when it was decoded "
                       f"({', '.join(f'{k} x{v}' for k, v in sorted(kept.bad.items()))}); reusing {folder}", flush=True)
             return kept
-    loader = DataLoader(_Rows(pairs), batch_size=64, num_workers=cfg.num_workers, collate_fn=_collate_rows)
-    shape = (len(pairs), image_size, image_size, 3)
-    with contextlib.ExitStack() as stack:
-        if folder is None:
-            images = np.empty(shape, dtype=np.uint8)
-        else:
-            tmp = stack.enter_context(atomic_path(folder / "images.npy"))
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        captions: list[str] = []
-        keys: list[str] = []
-        for batch in tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress):
-            pairs.counter.merge(batch["bad_counts"])
-            if batch["key"]:
-                start = len(keys)
-                # The transform resized uint8 pixels, then divided by 255: this is exact.
-                pixels = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
-                images[start : start + len(batch["key"])] = pixels.numpy()
-                captions += batch["caption"]
-                keys += batch["key"]
-        pairs.counter.check(final=True)
-        if not keys:
-            raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
-        if folder is not None:
-            images.flush()
-            del images
+    if folder is None:
+        images = np.empty((len(pairs), image_size, image_size, 3), dtype=np.uint8)
+        captions, keys = _decode_rows(pairs, images, 0, [], [], cfg.num_workers, progress, lambda *a: None)
+    else:
+        captions, keys = _decode_into(folder, pairs, image_size, cfg.num_workers, progress)
     bad = dict(pairs.counter.totals()[1])
     if bad and progress:
         print(f"{pairs.path.name}: skipped {pairs.counter.summary()}", flush=True)
     arrays = CsvArrays(None, captions, keys, bad, csv_identity(pairs.path, keys))
     if folder is None:
         return arrays._replace(images=images[: len(keys)])
+    (folder / "images.partial.npy").replace(folder / "images.npy")
     write_json_atomic(folder / "rows.json", {"captions": captions, "keys": keys, "bad": bad,
-                                             "identity": arrays.identity})
+                                             "identity": arrays.identity})  # last: the decode is complete
+    (folder / "rows.partial.jsonl").unlink(missing_ok=True)
     return _read_decoded(folder)
+
+
+# A decode into a store saves its progress every this many batches of 64 rows (and where a stop signal stops it).
+SAVE_EVERY = 16
+
+
+def _decode_into(folder: Path, pairs: CsvPairs, image_size: int, num_workers: int,
+                 progress: bool) -> tuple[list[str], list[str]]:
+    """Decode into `folder/images.partial.npy`, resumably: after every `SAVE_EVERY` batches, the pixels
+    are flushed, then one line appended to `rows.partial.jsonl` (rows read, their captions and keys, the
+    bad counts so far); a stop signal saves and stops between two batches (`Preempted`). A later call
+    goes on after the last whole line (a torn last line is redone)."""
+    images_file, lines_file = folder / "images.partial.npy", folder / "rows.partial.jsonl"
+    shape = (len(pairs), image_size, image_size, 3)
+    done, captions, keys, earlier = 0, [], [], None
+    if images_file.is_file() and lines_file.is_file():
+        whole = []
+        for line in lines_file.read_text(encoding="utf-8").splitlines():
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                # A line cut by a kill: its rows are decoded again, after the whole lines.
+                write_text_atomic(lines_file, "".join(w + "\n" for w in whole))
+                break
+            whole.append(line)
+            done, earlier = chunk["rows"], chunk["bad"]
+            captions += chunk["captions"]
+            keys += chunk["keys"]
+        images = np.lib.format.open_memmap(images_file, mode="r+")
+        if images.shape != shape:
+            done, captions, keys, earlier = 0, [], [], None
+    if done == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        images = np.lib.format.open_memmap(images_file, mode="w+", dtype=np.uint8, shape=shape)
+        lines_file.write_text("", encoding="utf-8")
+    elif progress:
+        print(f"{pairs.path.name}: going on with its decode in {folder} after row {done} of {len(pairs)}", flush=True)
+    if earlier is not None:
+        pairs.counter.merge({"before": earlier})
+    saved = len(keys)
+
+    def save(rows: int) -> None:
+        nonlocal saved
+        images.flush()
+        seen, counts, examples = pairs.counter.totals()
+        line = {"rows": rows, "captions": captions[saved:], "keys": keys[saved:],
+                "bad": {"seen": seen, "counts": dict(counts), "examples": examples}}
+        with open(lines_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        saved = len(keys)
+
+    try:
+        return _decode_rows(pairs, images, done, captions, keys, num_workers, progress, save)
+    finally:
+        images.flush()
+
+
+def _decode_rows(pairs: CsvPairs, images: np.ndarray, start: int, captions: list[str], keys: list[str],
+                 num_workers: int, progress: bool, save) -> tuple[list[str], list[str]]:
+    """Rows `start`.. of `pairs` decoded into `images` after the `keys` kept so far; `save(rows read)`
+    every `SAVE_EVERY` batches, and before a stop signal stops it (between two batches)."""
+    rows = Subset(_Rows(pairs), range(start, len(pairs)))
+    loader = DataLoader(rows, batch_size=64, num_workers=num_workers, collate_fn=_collate_rows)
+    read = start
+    for i, batch in enumerate(tqdm(loader, desc=f"decoding {pairs.path.name}", unit="batch", disable=not progress,
+                                   initial=start // 64, total=(len(pairs) + 63) // 64)):
+        pairs.counter.merge(batch["bad_counts"])
+        if batch["key"]:
+            kept = len(keys)
+            # The transform resized uint8 pixels, then divided by 255: this is exact.
+            images[kept : kept + len(batch["key"])] = batch["image"].mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            captions += batch["caption"]
+            keys += batch["key"]
+        read = min(len(pairs), read + 64)
+        if stop_requested():
+            save(read)
+            raise preempted(f"while decoding {pairs.path.name} ({read} of {len(pairs)} rows done and kept)")
+        if (i + 1) % SAVE_EVERY == 0:
+            save(read)
+    pairs.counter.check(final=True)
+    if not keys:
+        raise BadDataError(f"no usable row in {pairs.path}: {pairs.counter.summary()}")
+    return captions, keys
 
 
 def _read_decoded(folder: Path) -> CsvArrays | None:
