@@ -122,7 +122,8 @@ def check_jobs(runs: list[Run], jobs: int, log: Callable[[str], None]) -> None:
 
 
 def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str], None]) -> list[Outcome]:
-    threads = max(r.cfg.train.threads for r in runs) or 1
+    # train.threads=0 (torch's default: every core) shares the cores among the workers.
+    threads = max(r.cfg.train.threads for r in runs) or max(1, (os.cpu_count() or 1) // jobs)
     signals = list(runs[0].cfg.train.stop_signals) if runs else []
     waiting = list(range(len(runs)))
     built: set[str] = set()  # h's whose caches are complete
