@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 from test_pairs import encode, write_tar
 from test_third_pixels import noise, noise_shards
 from threetowers import create_model, embed, load_embeddings, save_model
 from threetowers.apps.cli import main
+from threetowers.config import load_config
 from threetowers.data.samples import BadSampleCounter, SampleDecoder
 from threetowers.data.shard_index import shard_name
 from threetowers.data.tokenizer import Tokenizer
@@ -233,3 +234,26 @@ def test_torchrun_ranks_split_the_shards(tmp_path):
     assert [record(out, n)["rank"] for n in names] == [0, 1, 0, 1]
     keys, emb = load_embeddings(out)
     assert len(keys) == 10 and np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=F16)
+
+
+def test_each_h_of_a_model_with_several_is_embedded_by_its_own_name(tmp_path, capsys):
+    """--tower third.K: h_K through its own head, in h_K's space; third (= third.1) the first h; a K the
+    model has not is refused with the names it has."""
+    for name, classes in (("h", 3), ("h2", 4)):
+        save_classifier(Classifier(tiny_config().model.image, classes), tmp_path / name, [str(c) for c in range(classes)])
+    sections = f"[{{source: checkpoint, path: {tmp_path / 'h'}}}, {{source: checkpoint, path: {tmp_path / 'h2'}, heads: per_term, head_dim: 12}}]"
+    cfg = load_config(None, TINY + ["model.method=3t", "model.text.vocab_size=300", f"model.thirds={sections}"])
+    torch.manual_seed(0)
+    save_model(create_model(cfg).eval(), tmp_path / "model")
+    folder = image_folder(tmp_path / "photos", n=4)
+    model = load_model(tmp_path / "model", with_third=True)
+    for tower, k, dim in (("third", 0, model.third_infos[0]["dim"]), ("third.2", 1, 12)):
+        out = tmp_path / f"emb_{tower}"
+        embed(tmp_path / "model", folder, out, tower=tower, dtype="float32", device="cpu", progress=False)
+        keys, emb = load_embeddings(out, skip_bad=True)
+        size = model.thirds[k].preprocessing.input_size
+        expected = model.encode_image_third(torch.stack([pixels(folder / key, size) for key in keys]), k=k)
+        assert emb.shape == (4, dim) and np.abs(emb - expected.numpy()).max() < 1e-5
+    assert main(["embed", str(tmp_path / "model"), str(folder), "--tower", "third.3", "--out", str(tmp_path / "e3"),
+                 "--device", "cpu"]) == 1
+    assert "this model has 2 third tower(s) h; choose third, third.2" in capsys.readouterr().err

@@ -59,9 +59,9 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write the embeddings to")
     p.add_argument("--texts", action="store_true",
                    help="INPUT is a text file of captions, one a line (key: the line number)")
-    p.add_argument("--tower", choices=["image", "text", "third"],
+    p.add_argument("--tower", metavar="image|text|third|third.K",
                    help="image (default; f, or h for LiT), text (default with --texts), or third: h through its head "
-                        "(3T's h pair, LiT's image side)")
+                        "(3T's h pair, LiT's image side); third.K: the K-th h of a model with several (model.thirds)")
     p.add_argument("--image-column", default="image", metavar="NAME", help="the CSV's image column (default image)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default float16)")
     p.add_argument("--part-size", type=int, default=4096, metavar="N",

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..core.distributed import barrier, gather_objects, init_distributed, shutdown
 from ..core.formats import EMBEDDINGS_FORMAT, read_meta, write_meta
+from ..model.factory import recorded_thirds
 from ..third.store import ShardEmbeddings
 from .parts import Part, open_input
 from .tower import DTYPES, TowerEmbedder, check_model_dir, choose_tower
@@ -93,7 +94,7 @@ def embed(model_dir: str | Path, input: str | Path, out: str | Path, *, tower: s
     `texts=True` a text file of captions) with `model_dir`'s `tower` into `out` (see the module
     docstring); the Python twin of `threetowers embed`. Resumes; under torchrun the ranks split the parts."""
     directory, meta = check_model_dir(model_dir)
-    tower = choose_tower(meta["config"]["model"]["method"], tower, texts)
+    tower = choose_tower(meta["config"]["model"]["method"], tower, texts, len(recorded_thirds(meta)))
     check_options(device, batch_size, dtype)
     out = Path(out)
     kind, parts = open_input(str(input), out / "index", texts, image_column, part_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ..core.formats import saved_dir
 from ..core.sets import to_device
 from ..data.tokenizer import load_tokenizer
-from ..model.factory import load_model, read_model_meta
+from ..model.factory import load_model, read_model_meta, recorded_thirds
 from ..model.three_towers import ThreeTowers
 from ..schema import third_sections
 
@@ -42,17 +43,28 @@ def check_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
     return directory, read_model_meta(directory)
 
 
-def choose_tower(method: str, tower: str | None, texts: bool) -> str:
-    """The tower to run (default: image, or text with --texts); refuses combinations that mean nothing."""
+def third_index(tower: str) -> int:
+    """Which h a `third` tower is: `third` the first (0), `third.K` the K-th (K - 1), as h_K's names go."""
+    return int(tower.split(".", 1)[1]) - 1 if tower.startswith("third.") else 0
+
+
+def choose_tower(method: str, tower: str | None, texts: bool, num_thirds: int = 1) -> str:
+    """The tower to run (default: image, or text with --texts); refuses combinations that mean nothing.
+    `num_thirds`: the model's h's (`third.K` names the K-th of them)."""
     tower = tower or ("text" if texts else "image")
-    if tower not in TOWERS:
-        raise ValueError(f"--tower {tower}: choose one of {', '.join(TOWERS)}")
+    several = re.fullmatch(r"third\.([1-9][0-9]*)", tower)
+    if tower not in TOWERS and not several:
+        raise ValueError(f"--tower {tower}: choose one of {', '.join(TOWERS)} (third.K: the K-th h of a model with several)")
+    if several and method != "clip" and int(several[1]) > num_thirds:
+        names = ", ".join(["third"] + [f"third.{k}" for k in range(2, num_thirds + 1)])
+        raise ValueError(f"--tower {tower}: this model has {num_thirds} third tower(s) h; choose {names}")
+    tower = "third" if tower == "third.1" else tower
     if texts and tower != "text":
         raise ValueError(f"--texts embeds captions with the text tower, but --tower {tower} embeds images; "
                          f"drop --tower {tower} (or drop --texts to embed images)")
     if not texts and tower == "text":
         raise ValueError("--tower text embeds captions: add --texts and give a text file with one caption a line")
-    if tower == "third" and method == "clip":
+    if tower.startswith("third") and method == "clip":
         raise ValueError("--tower third needs a model with a third tower h (model.method lit or 3t); this model is "
                          "clip: use --tower image")
     return tower
@@ -80,7 +92,8 @@ class TowerEmbedder:
             raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         directory, meta = check_model_dir(model_dir)
         method = meta["config"]["model"]["method"]
-        self.tower = choose_tower(method, tower, tower == "text")
+        self.tower = tower = choose_tower(method, tower, tower == "text", len(recorded_thirds(meta)))
+        k = third_index(tower)
         files = [directory / "model.safetensors", directory / "model.json"]
         if tower == "text":
             files.append(directory / "tokenizer.json")
@@ -88,17 +101,17 @@ class TowerEmbedder:
                 raise FileNotFoundError(f"{directory} has no tokenizer.json; its text tower cannot read captions "
                                         "without the tokenizer it was trained with")
         if model is None:
-            model = load_model(directory, with_third=True if tower == "third" else None)
+            model = load_model(directory, with_third=True if tower.startswith("third") else None)
         self.model = model.to(device).eval()
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(files[-1], cfg.model.text) if tower == "text" else None
         self.device, self.amp, self.dtype = torch.device(device), amp, dtype
-        self.encode = {"image": self.model.encode_image, "text": self.model.encode_text,
-                       "third": self.model.encode_image_third}[tower]
-        # h's side: LiT's image and text towers, and a 3T model's h pair, live in h's space.
-        in_h_space = tower == "third" or method == "lit"
-        uses_h = tower == "third" or (tower == "image" and method == "lit")
-        third = self.model.third
+        self.encode = {"image": self.model.encode_image, "text": self.model.encode_text}.get(
+            tower, functools.partial(self.model.encode_image_third, k=k))
+        # h's side: LiT's image and text towers, and a 3T model's h pairs, live in h's space (h_k's for third.K).
+        in_h_space = tower.startswith("third") or method == "lit"
+        uses_h = tower.startswith("third") or (tower == "image" and method == "lit")
+        third = self.model.thirds[k] if self.model.third_infos else None
         self.input_size = third.preprocessing.input_size if uses_h else cfg.model.image.image_size
         if tower == "text":
             preprocessing = {"context_length": cfg.model.text.context_length}
@@ -108,8 +121,8 @@ class TowerEmbedder:
         self.name = f"{method}/{tower}"
         self._info = {
             "name": self.name, "preprocessing": preprocessing,
-            # h's space is the first h's (several h's: --tower third embeds through the first one's heads).
-            "dim": (third_sections(cfg.model)[0][1].head_dim or meta["third"]["dim"]) if in_h_space else cfg.model.embed_dim,
+            "dim": (third_sections(cfg.model)[k][1].head_dim or self.model.third_infos[k]["dim"]) if in_h_space
+            else cfg.model.embed_dim,
             "precision": ("bf16-autocast" if amp else "fp32") + (f"+h-{third.precision}" if uses_h else ""),
         }
 
