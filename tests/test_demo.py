@@ -177,7 +177,7 @@ def test_a_stop_signal_to_the_demo_alone_stops_its_runs_with_their_state_and_the
     import sys
     import time
 
-    run = [o if not o.startswith("train.steps=") else "train.steps=400" for o in TINY_RUN] + ["train.log_every=5"]
+    run = [o if not o.startswith("train.steps=") else "train.steps=150" for o in TINY_RUN] + ["train.log_every=5"]
     argv = [sys.executable, "-m", "threetowers", "demo", "--quick", f"output_dir={tmp_path / 'demo'}", "seeds=[0]",
             "thirds=[object]", "methods=[clip,3t]", "ceiling_shots=3", f"overrides=[{','.join(repr(o) for o in run)}]",
             TINY_PRETRAIN]
