@@ -310,3 +310,31 @@ def test_another_image_size_resamples_the_positions_and_a_shorter_context_cuts_t
     with pytest.raises(ConfigError, match=r"positional_embedding has shape \(16, 32\); the configured "
                                           r"text_tower.pos_embed needs \(20, 32\)"):
         tt.import_open_clip(str(weights), str(config), ["model.text.context_length=20"])
+
+
+def test_heads_that_start_fresh_can_learn_at_a_rate_of_their_own(tmp_path):
+    """optim.fresh_lr_scale: what model.init_from does not provide (3T's heads into and on h's space) gets
+    optimizer groups of its own at lr x the scale; the towers, projections and temperatures keep lr. A
+    resume with another scale is refused (the groups are the checkpoint's); without init_from it is refused."""
+    from threetowers.training.checkpoint import CheckpointError
+    from threetowers.training.optim import build_optimizer
+
+    _, weights, config = small_open_clip(tmp_path)
+    cfg = load_config("3t", world_run(tmp_path, weights, config, "optim.lr=1e-4", "optim.fresh_lr_scale=10"))
+    model = tt.create_model(cfg, third=fake_third())
+    groups = build_optimizer(model, cfg.optim, torch.device("cpu")).param_groups
+    by_lr = {}
+    for group in groups:
+        by_lr.setdefault(group["lr"], []).extend(p for p in group["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    fresh = {names[id(p)] for lr, ps in by_lr.items() if lr == pytest.approx(1e-3) for p in ps}
+    kept = {names[id(p)] for lr, ps in by_lr.items() if lr == pytest.approx(1e-4) for p in ps}
+    assert fresh and all(n.startswith(("adapt_", "third_head")) for n in fresh), fresh
+    assert {"adapt_image.weight", "adapt_text.weight"} <= fresh
+    assert "image_tower.pos_embed" in kept and "proj_text.weight" in kept and "loss.log_scale" in kept
+    assert len(fresh) + len(kept) == sum(p.requires_grad for p in model.parameters())
+    tt.train("3t", world_run(tmp_path, weights, config, "optim.fresh_lr_scale=10"), third=fake_third())
+    with pytest.raises(CheckpointError, match=r"optim.fresh_lr_scale was 10.0 .* resume with optim.fresh_lr_scale=10.0"):
+        tt.train("3t", world_run(tmp_path, weights, config, "train.steps=3"), third=fake_third())
+    with pytest.raises(ConfigError, match="without model.init_from every parameter starts fresh"):
+        load_config("3t", ["optim.fresh_lr_scale=10"])

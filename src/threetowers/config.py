@@ -62,7 +62,7 @@ _POSITIVE = (
     "pretrain.num_images", "pretrain.num_heldout", "model.image.mlp_ratio", "model.text.mlp_ratio",
     "eval.num_images", "eval.retrieval_images", "eval.captions_per_image", "eval.batch_size",
     "train.dist_timeout_minutes",
-    "data.cache_batch_size",
+    "data.cache_batch_size", "optim.fresh_lr_scale",
 )
 # Inclusive ranges [low, high] for fields that must not go negative or past a bound.
 _RANGES = {
@@ -83,7 +83,7 @@ _RANGES = {
     "loss.max_scale": (0.0, float("inf")),
 }
 # Every float field must be a finite number (inf or nan would train nothing, silently).
-_FINITE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
+_FINITE = ("optim.lr", "optim.eps", "optim.fresh_lr_scale", "optim.weight_decay", "optim.grad_clip", "loss.init_scale", "loss.max_scale",
            "loss.init_bias", "model.image.mlp_ratio", "model.text.mlp_ratio", "data.max_bad_fraction",
            "data.world.caption_noise", "data.world.colour_words", "data.world.scene_words",
            "data.world.object_scale", "train.dist_timeout_minutes")
@@ -191,6 +191,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 def validate_init(cfg: Config) -> None:
     """model.init_from's settings that contradict each other (its files are read when the config is loaded)."""
     m = cfg.model
+    if cfg.optim.fresh_lr_scale != 1 and not m.init_from:
+        raise ConfigError(f"optim.fresh_lr_scale={cfg.optim.fresh_lr_scale} scales the learning rate of what "
+                          "model.init_from does not provide; without model.init_from every parameter starts fresh "
+                          "and optim.lr is theirs: leave optim.fresh_lr_scale at 1")
     if m.init_config and not m.init_from:
         raise ConfigError(f"model.init_config={m.init_config!r} names the architecture of model.init_from, "
                           "which is empty; set model.init_from=FILE (or use model.arch to train that shape from scratch)")

@@ -166,6 +166,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # With model.init_from: the learning rate of the parameters it does not provide (3T's heads into and on
+    # h's space, LiT's text head), as a multiple of lr: heads that start random beside pretrained towers.
+    fresh_lr_scale: float = 1.0
 
 
 @dataclass

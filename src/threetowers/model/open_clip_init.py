@@ -60,11 +60,24 @@ def check_init(cfg: Config) -> None:
     _mapped(model, read_open_clip_state(cfg))
 
 
+def taken_prefixes(method: str) -> tuple[str, ...]:
+    """Our names of what the method takes from an open_clip model (its temperature aside)."""
+    return ("text_tower.",) if method == "lit" else TOWER_PREFIXES
+
+
+def fresh_parameters(model: ThreeTowers) -> set[str]:
+    """The trainable parameters model.init_from does not provide (3T's adaptor heads and heads on h,
+    LiT's text head): they start random. The loss's temperatures count as provided (one tensor holds
+    every term's, the (f, g) term's from open_clip)."""
+    taken = taken_prefixes(model.cfg.model.method) + ("loss.",)
+    return {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(taken)}
+
+
 def _mapped(model: ThreeTowers, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our name -> open_clip's tensor for every parameter the method takes from it; refuses a misfit."""
     m = model.cfg.model
     where = f"model.init_from={m.init_from}" + (f" (model.init_config={m.init_config})" if m.init_config else "")
-    prefixes = ("text_tower.",) if m.method == "lit" else TOWER_PREFIXES
+    prefixes = taken_prefixes(m.method)
     shapes = {k: v.shape for k, v in model.state_dict().items() if k.startswith(prefixes)}
     timm = m.image.kind == "timm" and m.method != "lit"
     ours, used = state_from_open_clip(state, shapes, timm, where)

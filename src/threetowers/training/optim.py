@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
-
 from ..model.losses import TermLoss
+from ..model.open_clip_init import fresh_parameters
+from ..model.three_towers import ThreeTowers
 
 # Parameter names (the last component) that are embeddings even though they are plain nn.Parameters.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "token_embed", "position_embedding", "positional_embedding",
@@ -29,12 +30,15 @@ def _no_decay_module(module: nn.Module) -> bool:
     return isinstance(module, _NO_DECAY_MODULES + (TermLoss,)) or "Norm" in type(module).__name__
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: `decay` (matrices) and `no_decay` (the rest).
+def param_groups(model: nn.Module, weight_decay: float, fresh: set[str] = frozenset(),
+                 fresh_lr: float | None = None) -> list[dict]:
+    """AdamW groups over the trainable parameters: `decay` (matrices) and `no_decay` (the rest), and
+    with `fresh_lr` the same two again for the parameters named in `fresh`, at that learning rate.
 
     Each group carries the parameter names in `names` (for tests and logs; the optimizer ignores them).
     """
-    decay, no_decay, seen = [], [], set()
+    split: dict[tuple[bool, bool], list] = {(f, d): [] for f in (False, True) for d in (True, False)}
+    seen = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -42,17 +46,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             excluded = p.ndim < 2 or _no_decay_module(module) or name in _EMBEDDING_NAMES
-            (no_decay if excluded else decay).append((full, p))
-    groups = [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
+            split[(fresh_lr is not None and full in fresh, not excluded)].append((full, p))
+    groups = [{"params": [p for _, p in found], "names": [n for n, _ in found], "weight_decay": weight_decay if decay else 0.0,
+               **({"lr": fresh_lr} if is_fresh else {})} for (is_fresh, decay), found in split.items()]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused CUDA kernel on GPU."""
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW over the trainable parameters; the fused CUDA kernel on GPU. With `optim.fresh_lr_scale`
+    (not 1), what model.init_from does not provide gets groups of its own at lr x that scale: the
+    groups are the same on every resume, since the config decides them."""
+    scaled = cfg.fresh_lr_scale != 1 and isinstance(model, ThreeTowers)
+    groups = param_groups(model, cfg.weight_decay, fresh_parameters(model) if scaled else frozenset(),
+                          cfg.lr * cfg.fresh_lr_scale if scaled else None)
     if not groups:
         raise ValueError("the model has no trainable parameters (everything is frozen); nothing to train")
     for g in groups:

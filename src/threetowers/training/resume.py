@@ -66,6 +66,11 @@ def check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[
     for side in (saved, now):
         if side.get("loss", {}).get("weights") is None:
             side.setdefault("loss", {})["weights"] = loss_weights(cfg)
+    was = saved["optim"]["fresh_lr_scale"]
+    if was != cfg.optim.fresh_lr_scale:  # the optimizer's parameter groups (and their rates) are the checkpoint's
+        raise CheckpointError(f"optim.fresh_lr_scale was {was} when the checkpoint was written, and is "
+                              f"{cfg.optim.fresh_lr_scale} now; the optimizer's parameter groups follow it, so resume "
+                              f"with optim.fresh_lr_scale={was} (or start over: train.resume=never)")
     other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
              if not d.startswith("train.resume:")]
     if other:
