@@ -69,6 +69,7 @@ examples:
   threetowers train 3t --resume runs/3t/checkpoints/step_0000200
   threetowers train 3t model.arch=ViT-B-16 train.output_dir=runs/3t_b16    # open_clip's ViT-B-16 shape
   threetowers train 3t model.init_from=local-dir:exported/clip optim.lr=1e-5   # start f, g from an open_clip model
+  threetowers train 3t model.init_from=local-dir:exported/clip optim.lr=1e-5 optim.fresh_lr_scale=10  # new heads 10x
   threetowers train 3t 'model.thirds=[{source: checkpoint, path: runs/pretrain/model}, {source: efficientnet_lite0}]'
   threetowers train clip train.ema_decay=0.999 train.checkpoint_minutes=30     # an EMA; a checkpoint every 30 min
   torchrun --nproc_per_node=2 -m threetowers train 3t     # 2 processes (gloo on CPU, NCCL on GPU)
