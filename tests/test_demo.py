@@ -91,6 +91,8 @@ def test_run_overrides_are_appended_and_checked_before_any_work():
         load_demo_config("demo/quick", ["methods=[lit,3t]"], run_overrides=["model.third.heads=per_term"])
     with pytest.raises(ConfigError, match="--run key=value"):
         load_demo_config("demo/full", ["overrides=[loss.weights=[0.5,0.25,0.25]]"])
+    with pytest.raises(ConfigError, match="jobs=0: the runs to train at once must be 1 or more"):
+        load_demo_config("demo/quick", ["jobs=0"])
     gpu = load_demo_config("demo/gpu")  # every run of the GPU preset is a valid config (checked without a GPU)
     assert run_config(gpu, "3t", "object", 0, ["model.third.source=checkpoint", "model.third.path=h"]
                       ).train.batch_size == 1024

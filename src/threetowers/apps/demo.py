@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 import torch
 from omegaconf import OmegaConf
 
@@ -90,6 +89,8 @@ def load_demo_config(preset: str = "demo/full", overrides: list[str] | None = No
     demo: DemoConfig = OmegaConf.to_object(merged)
     demo.preset = preset
     demo.overrides += list(run_overrides or [])
+    if demo.jobs < 1:
+        raise ConfigError(f"jobs={demo.jobs}: the runs to train at once must be 1 or more")
     unknown = [t for t in demo.thirds if not all(part in ALIGNED for part in h_parts(t))]
     if unknown:
         raise ConfigError(f"demo thirds {unknown} unknown; choose from {', '.join(ALIGNED)}, or join them with + "

@@ -111,10 +111,16 @@ def headline(outcome: Outcome) -> str:
     return ", ".join(f"{k}={100 * v:.1f}" for k, v in outcome.row["metrics"].items() if k.endswith(("top1", "R@1")))
 
 
+def worker_threads(runs: list[Run], jobs: int) -> int:
+    """Threads each of `jobs` workers runs on: the runs' train.threads, or with 0 (torch's default:
+    every core) the cores shared among the workers."""
+    return max((r.cfg.train.threads for r in runs), default=0) or max(1, (os.cpu_count() or 1) // jobs)
+
+
 def check_jobs(runs: list[Run], jobs: int, log: Callable[[str], None]) -> None:
     """A note when `jobs` runs at once would use more threads than the machine has cores."""
     cores = os.cpu_count() or 1
-    threads = max((r.cfg.train.threads or cores) for r in runs) if runs else 1
+    threads = worker_threads(runs, jobs)
     if jobs > 1 and jobs * threads > cores:
         log(f"note: jobs={jobs} runs at once with train.threads={threads} each need {jobs * threads} threads on "
             f"{cores} cores, and runs that share cores slow each other many times over; set jobs={max(1, cores // threads)}"
@@ -122,8 +128,7 @@ def check_jobs(runs: list[Run], jobs: int, log: Callable[[str], None]) -> None:
 
 
 def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str], None]) -> list[Outcome]:
-    # train.threads=0 (torch's default: every core) shares the cores among the workers.
-    threads = max(r.cfg.train.threads for r in runs) or max(1, (os.cpu_count() or 1) // jobs)
+    threads = worker_threads(runs, jobs)
     signals = list(runs[0].cfg.train.stop_signals) if runs else []
     waiting = list(range(len(runs)))
     built: set[str] = set()  # h's whose caches are complete
@@ -143,8 +148,7 @@ def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str
                 for child in multiprocessing.active_children():
                     os.kill(child.pid, signal_number(stop_requested()))
                 forwarded = True
-            for i in [] if stop_requested() else _startable([runs[i] for i in waiting], waiting, built, building,
-                                                              jobs - len(running)):
+            for i in [] if stop_requested() else _startable(runs, waiting, built, building, jobs - len(running)):
                 waiting.remove(i)
                 building |= set(runs[i].cached) - built
                 log(f"{runs[i].label} ({runs[i].cfg.train.steps} steps; output: {runs[i].log_file})")
@@ -174,17 +178,16 @@ def _in_workers(runs: list[Run], scoring: Scoring, jobs: int, log: Callable[[str
     return [outcomes[i] for i in range(len(runs))]
 
 
-def _startable(candidates: list[Run], indices: list[int], built: set[str], building: set[str], slots: int) -> list[int]:
-    """Up to `slots` runs to start now: those whose h's caches are built or free to be built by them
-    (no two runs build one cache), the ones that build caches first (others wait for them), then
-    the longest."""
+def _startable(runs: list[Run], waiting: list[int], built: set[str], building: set[str], slots: int) -> list[int]:
+    """Up to `slots` of the `waiting` runs to start now: those whose h's caches are built or free to be
+    built by them (no two runs build one cache), the ones that build caches first (others wait for
+    them), then the longest."""
     ready = []
     claimed = set(building)
-    order = sorted(range(len(candidates)), key=lambda k: (not set(candidates[k].cached) - built, -candidates[k].cost, k))
-    for k in order:
-        todo = set(candidates[k].cached) - built
+    for i in sorted(waiting, key=lambda i: (not set(runs[i].cached) - built, -runs[i].cost, i)):
+        todo = set(runs[i].cached) - built
         if len(ready) < slots and not todo & claimed:
-            ready.append(indices[k])
+            ready.append(i)
             claimed |= todo
     return ready
 
