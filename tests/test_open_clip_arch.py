@@ -334,7 +334,9 @@ def test_heads_that_start_fresh_can_learn_at_a_rate_of_their_own(tmp_path):
     assert "image_tower.pos_embed" in kept and "proj_text.weight" in kept and "loss.log_scale" in kept
     assert len(fresh) + len(kept) == sum(p.requires_grad for p in model.parameters())
     tt.train("3t", world_run(tmp_path, weights, config, "optim.fresh_lr_scale=10"), third=fake_third())
+    tokenizer = (tmp_path / "run" / "tokenizer.json").stat().st_mtime_ns
     with pytest.raises(CheckpointError, match=r"optim.fresh_lr_scale was 10.0 .* resume with optim.fresh_lr_scale=10.0"):
         tt.train("3t", world_run(tmp_path, weights, config, "train.steps=3"), third=fake_third())
+    assert (tmp_path / "run" / "tokenizer.json").stat().st_mtime_ns == tokenizer  # refused before any data work
     with pytest.raises(ConfigError, match="without model.init_from every parameter starts fresh"):
         load_config("3t", ["optim.fresh_lr_scale=10"])

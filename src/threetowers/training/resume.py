@@ -41,8 +41,18 @@ def check_resume_early(cfg: Config, info: DistInfo) -> None:
             saved = OmegaConf.to_container(OmegaConf.load(written)) if written.is_file() else \
                 load_train_state(found).get("config", {})
             _check_model(saved.get("model", {}), to_dict(cfg)["model"], found, ignore=("model.text.vocab_size",))
+            _check_groups(saved, cfg)
 
     on_main(info, check)
+
+
+def _check_groups(saved: dict, cfg: Config) -> None:
+    """The optimizer's parameter groups (and their rates) are the checkpoint's: they follow optim.fresh_lr_scale."""
+    was = saved.get("optim", {}).get("fresh_lr_scale", 1.0)  # absent: written before the field, when it was 1
+    if was != cfg.optim.fresh_lr_scale:
+        raise CheckpointError(f"optim.fresh_lr_scale was {was} when the checkpoint was written, and is "
+                              f"{cfg.optim.fresh_lr_scale} now; the optimizer's parameter groups follow it, so resume "
+                              f"with optim.fresh_lr_scale={was} (or start over: train.resume=never)")
 
 
 def _check_model(saved: dict, now: dict, where: Path | str, ignore: tuple[str, ...] = ()) -> None:
@@ -66,11 +76,7 @@ def check_resumable(state: dict, cfg: Config, info: DistInfo, report: Callable[[
     for side in (saved, now):
         if side.get("loss", {}).get("weights") is None:
             side.setdefault("loss", {})["weights"] = loss_weights(cfg)
-    was = saved["optim"]["fresh_lr_scale"]
-    if was != cfg.optim.fresh_lr_scale:  # the optimizer's parameter groups (and their rates) are the checkpoint's
-        raise CheckpointError(f"optim.fresh_lr_scale was {was} when the checkpoint was written, and is "
-                              f"{cfg.optim.fresh_lr_scale} now; the optimizer's parameter groups follow it, so resume "
-                              f"with optim.fresh_lr_scale={was} (or start over: train.resume=never)")
+    _check_groups(saved, cfg)
     other = [d for section in now if section != "model" for d in _diff(saved.get(section, {}), now[section], section + ".")
              if not d.startswith("train.resume:")]
     if other:
