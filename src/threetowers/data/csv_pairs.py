@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -203,7 +203,7 @@ def load_csv_arrays(cfg: DataConfig, image_size: int, progress: bool = True,
             return kept
     if folder is None:
         images = np.empty((len(pairs), image_size, image_size, 3), dtype=np.uint8)
-        captions, keys = _decode_rows(pairs, images, 0, [], [], cfg.num_workers, progress, lambda *a: None)
+        captions, keys = _decode_rows(pairs, images, 0, [], [], cfg.num_workers, progress)
     else:
         captions, keys = _decode_into(folder, pairs, image_size, cfg.num_workers, progress)
     bad = dict(pairs.counter.totals()[1])
@@ -277,9 +277,10 @@ def _decode_into(folder: Path, pairs: CsvPairs, image_size: int, num_workers: in
 
 
 def _decode_rows(pairs: CsvPairs, images: np.ndarray, start: int, captions: list[str], keys: list[str],
-                 num_workers: int, progress: bool, save) -> tuple[list[str], list[str]]:
-    """Rows `start`.. of `pairs` decoded into `images` after the `keys` kept so far; `save(rows read)`
-    every `SAVE_EVERY` batches, and before a stop signal stops it (between two batches)."""
+                 num_workers: int, progress: bool, save: Callable[[int], None] | None = None) -> tuple[list[str], list[str]]:
+    """Rows `start`.. of `pairs` decoded into `images` after the `keys` kept so far. With `save` (a
+    decode into a store): `save(rows read)` every `SAVE_EVERY` batches, and before a stop signal stops
+    it between two batches; in memory there is nothing to keep, so no stop point."""
     rows = Subset(_Rows(pairs), range(start, len(pairs)))
     loader = DataLoader(rows, batch_size=64, num_workers=num_workers, collate_fn=_collate_rows)
     read = start
@@ -293,10 +294,10 @@ def _decode_rows(pairs: CsvPairs, images: np.ndarray, start: int, captions: list
             captions += batch["caption"]
             keys += batch["key"]
         read = min(len(pairs), read + 64)
-        if stop_requested():
+        if save is not None and stop_requested():
             save(read)
             raise preempted(f"while decoding {pairs.path.name} ({read} of {len(pairs)} rows done and kept)")
-        if (i + 1) % SAVE_EVERY == 0:
+        if save is not None and (i + 1) % SAVE_EVERY == 0:
             save(read)
     pairs.counter.check(final=True)
     if not keys:

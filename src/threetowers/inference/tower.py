@@ -93,7 +93,7 @@ class TowerEmbedder:
         directory, meta = check_model_dir(model_dir)
         method = meta["config"]["model"]["method"]
         self.tower = tower = choose_tower(method, tower, tower == "text", len(recorded_thirds(meta)))
-        k = third_index(tower)
+        k, is_third = third_index(tower), tower.startswith("third")
         files = [directory / "model.safetensors", directory / "model.json"]
         if tower == "text":
             files.append(directory / "tokenizer.json")
@@ -101,7 +101,7 @@ class TowerEmbedder:
                 raise FileNotFoundError(f"{directory} has no tokenizer.json; its text tower cannot read captions "
                                         "without the tokenizer it was trained with")
         if model is None:
-            model = load_model(directory, with_third=True if tower.startswith("third") else None)
+            model = load_model(directory, with_third=True if is_third else None)
         self.model = model.to(device).eval()
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(files[-1], cfg.model.text) if tower == "text" else None
@@ -109,8 +109,8 @@ class TowerEmbedder:
         self.encode = {"image": self.model.encode_image, "text": self.model.encode_text}.get(
             tower, functools.partial(self.model.encode_image_third, k=k))
         # h's side: LiT's image and text towers, and a 3T model's h pairs, live in h's space (h_k's for third.K).
-        in_h_space = tower.startswith("third") or method == "lit"
-        uses_h = tower.startswith("third") or (tower == "image" and method == "lit")
+        in_h_space = is_third or method == "lit"
+        uses_h = is_third or (tower == "image" and method == "lit")
         third = self.model.thirds[k] if self.model.third_infos else None
         self.input_size = third.preprocessing.input_size if uses_h else cfg.model.image.image_size
         if tower == "text":
